@@ -41,7 +41,7 @@ def cmd_tasks_list(args) -> int:
     rows = []
     for t in cfg.tasks:
         a = cfg.adapter_of(t)
-        src = t.data.bbc_news and f"bbc_news:{t.data.bbc_news}" or t.data.hub and f"hub:{t.data.hub}" or t.data.path
+        src = "-" if t.data is None else t.data.bbc_news and f"bbc_news:{t.data.bbc_news}" or t.data.hub and f"hub:{t.data.hub}" or t.data.path
         rows.append({"name": t.name, "adapter": a.type, "rank": a.rank, "group": a.group_key(), "data": src,
                      "hiddenkey": t.hiddenkey is not None, "gmt": t.gmt is not None})
     if args.json:
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--force", action="store_true")
     ex.set_defaults(func=cmd_export)
+
+    # command modules: each adds its subcommands with add_commands(sub)
     return p
 
 

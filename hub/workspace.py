@@ -37,6 +37,9 @@ class Workspace:
 
     def data(self, name: str) -> TaskData:
         if name not in self._data:
+            if self.cfg.task(name).data is None:
+                raise ConfigError([f"tasks({name}).data: this task has no data source (inference only); "
+                                   "add one to train or evaluate it"], self.config_path)
             self._data[name] = load_task(self.cfg.task(name), self.base_dir, self.cfg.training.seed)
         return self._data[name]
 

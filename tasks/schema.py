@@ -98,7 +98,7 @@ class DataSpec(Strict):
 class TaskSpec(Strict):
     name: str
     description: str = ""
-    data: DataSpec
+    data: DataSpec | None = None  # None: an inference-only task (e.g. pulled from the Hub)
     # Plain language modelling: the loss covers the whole formatted text.
     template: str = "{text}"
     # Instruction style: when both are set the loss covers the completion only.
