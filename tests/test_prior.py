@@ -1,0 +1,87 @@
+"""The BoRA prior: tau=0 decouples tasks, a huge tau ties every task to Theta, tau=shared is one adapter."""
+from __future__ import annotations
+
+import torch
+from conftest import tiny_lm
+
+from models.base import prepare
+from models.bora import BoraPrior
+from models.multitask import MultiTaskModel
+from tasks.schema import AdapterSpec
+
+SPEC = AdapterSpec(rank=2, alpha=4, target_modules=["q_proj", "v_proj"])
+
+
+def setup(tau, seed=0):
+    lm = tiny_lm()
+    prepare(lm, None)
+    mtm = MultiTaskModel(lm, None, "tiny", [(n, SPEC) for n in ("a", "b", "c")])
+    init = mtm.init_params(seed, noise=1e-2)
+    return mtm, BoraPrior(mtm, tau, torch.tensor([10.0, 20.0, 30.0]), init)
+
+
+def only_task0_batch():
+    ids = torch.randint(4, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+            "task_ids": torch.zeros(4, dtype=torch.long)}
+
+
+def grads(prior, batch):
+    loss = prior.loss(batch)
+    params = dict(prior.guide.named_parameters())
+    for p in params.values():
+        p.grad = None
+    loss.backward()
+    return {k.split(".")[-1]: p.grad for k, p in params.items()}
+
+
+def test_tau_zero_leaves_tasks_uncoupled():
+    _, prior = setup(0.0)
+    g = grads(prior, only_task0_batch())
+    theta = g["theta_0_unconstrained"]
+    assert theta[0].abs().sum() > 0  # the task with data learns
+    assert torch.equal(theta[1:], torch.zeros_like(theta[1:]))  # the others get exactly no gradient
+    assert g["Theta_0_unconstrained"] is None or torch.equal(g["Theta_0_unconstrained"],
+                                                              torch.zeros_like(g["Theta_0_unconstrained"]))
+
+
+def test_positive_tau_couples_tasks_through_theta():
+    _, prior = setup(100.0)
+    g = grads(prior, only_task0_batch())
+    theta = g["theta_0_unconstrained"]
+    assert theta[1:].abs().sum() > 0  # the prior pulls the data-less tasks towards Theta
+    values = prior.values()[prior.mtm.groups[0].key]
+    expected = 100.0 * (values[0][1:] - values[1])  # d/dtheta of tau/2 ||theta - Theta||^2
+    assert torch.allclose(theta[1:], expected, rtol=1e-4, atol=1e-6)
+
+
+def spread_after_training(tau, steps=60, lr=1e-5):
+    """max_t ||theta_t - Theta|| after plain gradient descent on the MAP objective
+    (lr well below 1/((T+1) tau), so the stiff prior converges instead of oscillating as under Adam)."""
+    mtm, prior = setup(tau)
+    prior.loss(only_task0_batch())  # the guide creates its parameters on first use
+    opt = torch.optim.SGD(prior.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(4, 128, (6, 6), generator=gen)
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+             "task_ids": torch.tensor([0, 1, 2, 0, 1, 2])}
+        opt.zero_grad()
+        prior.loss(b).backward()
+        opt.step()
+    theta, Theta = prior.values()[mtm.groups[0].key]
+    return (theta - Theta).norm(dim=1).max().item()
+
+
+def test_large_tau_pulls_every_task_to_theta():
+    free, tied = spread_after_training(0.0), spread_after_training(1e4)
+    assert free > 0.1  # the tasks' initial spread (noise 1e-2 per coordinate) is kept without a prior
+    assert tied < 1e-2 * free
+
+
+def test_shared_tau_is_one_adapter():
+    mtm, prior = setup("shared")
+    prior.loss(only_task0_batch())
+    theta, Theta = prior.values()[mtm.groups[0].key]
+    assert torch.equal(theta, Theta.expand_as(theta))
+    assert [n.split(".")[-1] for n, _ in prior.guide.named_parameters()] == ["Theta_0_unconstrained"]

@@ -1,0 +1,125 @@
+"""The stacked multi-task layer against PEFT's LoRA, and its routing semantics."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_lm
+
+from models.base import prepare
+from models.multitask import MultiTaskModel
+from models.stacked import GLOBAL, StackedLinear
+from tasks.schema import AdapterSpec
+
+SPEC = AdapterSpec(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"])
+NAMES = ["ta", "tb", "tc"]
+
+
+@pytest.fixture
+def mtm_and_params():
+    lm = tiny_lm()
+    prepare(lm, None)
+    base_state = copy.deepcopy(lm.state_dict())
+    mtm = MultiTaskModel(lm, None, "tiny", [(n, SPEC) for n in NAMES])
+    gen = torch.Generator().manual_seed(1)
+    g = mtm.groups[0]
+    flat = torch.randn(g.n_tasks + 1, g.dim, generator=gen) * 0.1  # nonzero B: adapters really act
+    mtm.set_params({g.key: (flat[:-1], flat[-1])})
+    return mtm, base_state
+
+
+def batch(n=6, length=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 128, (n, length), generator=gen)
+    return ids, torch.ones_like(ids)
+
+
+def peft_model(mtm):
+    """A PEFT LoRA model on a fresh copy of the base with one adapter per task, weights copied from ours."""
+    from peft import LoraConfig, get_peft_model
+
+    lm = tiny_lm()
+    cfg = LoraConfig(r=SPEC.rank, lora_alpha=SPEC.alpha, target_modules=SPEC.target_modules, lora_dropout=0.0,
+                     init_lora_weights=False)
+    pm = get_peft_model(lm, cfg, adapter_name=NAMES[0])
+    for n in NAMES[1:]:
+        pm.add_adapter(n, cfg)
+    g = mtm.groups[0]
+    with torch.no_grad():
+        for name, module in pm.named_modules():
+            if hasattr(module, "lora_A") and isinstance(getattr(module, "lora_A"), torch.nn.ModuleDict) and module.lora_A:
+                key = name.removeprefix("base_model.model.")
+                for slot, n in enumerate(NAMES):
+                    p = {k: v[slot] for k, v in g.params(key).items()}
+                    module.lora_A[n].weight.copy_(p["A"])
+                    module.lora_B[n].weight.copy_(p["B"])
+    return pm.eval()
+
+
+def test_mixed_batch_matches_peft_per_task(mtm_and_params):
+    mtm, _ = mtm_and_params
+    ids, mask = batch()
+    task_ids = torch.tensor([0, 1, 2, 2, 0, 1])  # a batch mixing 3 tasks
+    with torch.no_grad():
+        ours = mtm(ids, mask, task_ids).logits
+        pm = peft_model(mtm)
+        theirs = pm(input_ids=ids, attention_mask=mask, adapter_names=[NAMES[t] for t in task_ids]).logits
+        plain = mtm(ids, mask, None).logits
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (ours - plain).abs().max() > 1e-3  # the adapters do change the output
+
+
+def test_uniform_fast_path_equals_gathered_path(mtm_and_params):
+    mtm, _ = mtm_and_params
+    ids, mask = batch()
+    with torch.no_grad():
+        fast = mtm(ids, mask, torch.full((6,), 1)).logits  # every row task 1: plain matmuls
+        # the same rows through the gather path: blend task 1 with a zero-weight task 0
+        gathered = mtm(ids, mask, torch.tensor([[1, 0]] * 6), torch.tensor([[1.0, 0.0]] * 6)).logits
+    assert (fast - gathered).abs().max() < 1e-5
+
+
+def test_blend_is_output_space_sum(mtm_and_params):
+    mtm, _ = mtm_and_params
+    ids, mask = batch(n=2)
+    w = torch.tensor([[0.3, 0.7], [0.5, 0.5]])
+    lin = mtm.lm.model.layers[0].self_attn.q_proj
+    assert isinstance(lin, StackedLinear)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        mtm.route(torch.tensor([[0, 2], [1, 2]]), w)
+        blended = lin(x)
+        outs = {}
+        for t in range(3):
+            mtm.route(torch.full((2,), t))
+            outs[t] = lin(x)
+    expect = torch.stack([0.3 * outs[0][0] + 0.7 * outs[2][0], 0.5 * outs[1][1] + 0.5 * outs[2][1]])
+    assert (blended - expect).abs().max() < 1e-5
+
+
+def test_global_id_uses_theta_and_base_weights_untouched(mtm_and_params):
+    mtm, base_state = mtm_and_params
+    g = mtm.groups[0]
+    lin = mtm.lm.model.layers[1].mlp.down_proj
+    x = torch.randn(3, 4, 128)
+    with torch.no_grad():
+        mtm.route(torch.tensor([GLOBAL, 0, GLOBAL]))
+        y = lin(x)
+        p = {k: v[g.theta_slot] for k, v in g.params("model.layers.1.mlp.down_proj").items()}
+        expect = lin.base(x) + (x @ p["A"].T @ p["B"].T) * (SPEC.alpha / SPEC.rank)
+    assert (y[0] - expect[0]).abs().max() < 1e-5 and (y[2] - expect[2]).abs().max() < 1e-5
+    assert (y[1] - expect[1]).abs().max() > 1e-4
+    # the wrapped base weights are the original tensors, unchanged, and frozen
+    for name, tensor in mtm.lm.state_dict().items():
+        if "lora" not in name:
+            assert torch.equal(tensor, base_state[name.replace(".base.", ".")])
+    assert not any(p.requires_grad for p in mtm.lm.parameters())
+
+
+def test_each_linear_wrapped_once_per_target(mtm_and_params):
+    mtm, _ = mtm_and_params
+    wrapped = [n for n, m in mtm.lm.named_modules() if isinstance(m, StackedLinear)]
+    assert len(wrapped) == 2 * 7  # 2 layers x 7 projections
+    assert not any(isinstance(m.base, StackedLinear) for m in mtm.lm.modules() if isinstance(m, StackedLinear))
