@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     # command modules: each adds its subcommands with add_commands(sub)
+    importlib.import_module("hub.remote_cli").add_commands(sub)
     return p
 
 

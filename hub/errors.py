@@ -5,4 +5,9 @@ from tasks.registry import ConfigError
 
 from .store import StoreError
 
-USER_ERRORS = (ConfigError, StoreError, BaseModelError, ResumeError)
+
+class RemoteError(Exception):
+    """Push or pull failed: the Hub refused or was unreachable, or a pulled repo does not fit here."""
+
+
+USER_ERRORS = (ConfigError, StoreError, BaseModelError, ResumeError, RemoteError)

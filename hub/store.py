@@ -73,7 +73,6 @@ def peft_tensors(mtm: MultiTaskModel, task_id: int) -> tuple[dict[str, torch.Ten
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-        "borahub": {"adapter_type": g.spec.type, "group": g.key},
     }
     return tensors, config
 
@@ -155,19 +154,48 @@ def build(state: dict, lm, tok) -> MultiTaskModel:
     return MultiTaskModel(lm, tok, state["base_model"], specs)
 
 
-def load_into(mtm: MultiTaskModel, store: str | Path, state: dict) -> None:
-    """Load every task's native parameters and Theta into ``mtm``, checking fingerprint and shapes."""
+def read_params(store: str | Path, state: dict, mtm: MultiTaskModel) -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """The stored parameters that fit ``mtm``, as flat vectors checked against its layout.
+
+    Per group key of ``mtm`` that the store also has: ({task name: theta_t (D,)}, Theta (D,)). A task is
+    included only when the store holds it in the same group (same adapter spec), so ``mtm`` may have
+    tasks the store lacks (a warm start with new tasks, a merge on pull). Checks the fingerprint first.
+    """
     store = Path(store)
     check_fingerprint(state["fingerprint"], mtm.fingerprint, str(store / HUB_FILE))
-    theta_global = _load_tensors(store / GLOBAL_FILE)
-    params = {}
-    for gi, g in enumerate(mtm.groups):
-        prefix = f"{gi}/"
+    stored_groups = {g["key"]: gi for gi, g in enumerate(state["groups"])}
+    stored_tasks = {t["name"]: t["group"] for t in state["tasks"]}
+    theta_global = None
+    out = {}
+    for g in mtm.groups:
+        if g.key not in stored_groups:
+            continue
+        if theta_global is None:
+            theta_global = _load_tensors(store / GLOBAL_FILE)
+        prefix = f"{stored_groups[g.key]}/"
         Theta = _flat(g, {k[len(prefix):]: v for k, v in theta_global.items() if k.startswith(prefix)},
                       str(store / GLOBAL_FILE))
-        theta = torch.stack([_flat(g, _load_tensors(store / mtm.task_names[t] / NATIVE_FILE),
-                                   str(store / mtm.task_names[t] / NATIVE_FILE)) for t in g.task_ids])
-        params[g.key] = (theta, Theta)
+        thetas = {}
+        for name in (mtm.task_names[t] for t in g.task_ids):
+            if stored_tasks.get(name) == g.key:
+                path = store / name / NATIVE_FILE
+                thetas[name] = _flat(g, _load_tensors(path), str(path))
+        out[g.key] = (thetas, Theta)
+    return out
+
+
+def load_into(mtm: MultiTaskModel, store: str | Path, state: dict) -> None:
+    """Load every task's native parameters and Theta into ``mtm``, checking fingerprint and shapes."""
+    stored = read_params(store, state, mtm)
+    params = {}
+    for g in mtm.groups:
+        names = [mtm.task_names[t] for t in g.task_ids]
+        thetas, Theta = stored.get(g.key, ({}, None))
+        missing = [n for n in names if n not in thetas]
+        if Theta is None or missing:
+            raise StoreError(f"{Path(store) / HUB_FILE}: no stored adapter for task(s) {', '.join(missing or names)} "
+                             f"in group {g.key}")
+        params[g.key] = (torch.stack([thetas[n] for n in names]), Theta)
     mtm.set_params(params)
 
 

@@ -10,6 +10,7 @@ from models.base import load_base
 from models.bora import BoraPrior
 from models.multitask import MultiTaskModel
 from models.registry import ADAPTERS
+from models.regularisers import training_extras
 from models.trainer import Trainer, TrainReport
 from tasks.batching import MixedBatcher, Tokenized, eval_batches, tokenize
 from tasks.data import TaskData, load_task
@@ -80,27 +81,38 @@ class Workspace:
         mtm = self.new_model()
         init = mtm.init_params(tcfg.seed)
         frozen_ids: list[int] = []
+        stored_info: dict[str, dict] = {}
         if names:  # train a subset: the other tasks and Theta stay at their stored values
+            if tau == "shared":
+                raise ConfigError(["--tasks: with tau 'shared' every task is the one frozen Theta; "
+                                   "train all tasks instead"], self.config_path)
             state = store_mod.read_state(self.store)
-            old = store_mod.build(state, *self.base())
-            store_mod.load_into(old, self.store, state)
-            init = _warm_start(mtm, old, init)
+            init = _warm_start(mtm, store_mod.read_params(self.store, state, mtm), init)
             frozen_ids = [i for i, n in enumerate(cfg.task_names) if n not in chosen]
-        sizes = torch.tensor([len(self.data(n).train) for n in cfg.task_names], dtype=torch.float32)
+            stored_info = {t["name"]: {k: v for k, v in t.items() if k not in ("name", "group", "adapter")}
+                           for t in state["tasks"]}
+        # Frozen tasks never appear in a batch, so their size (and data, possibly none) is not needed.
+        sizes = torch.tensor([len(self.data(n).train) if n in chosen else 0 for n in cfg.task_names],
+                             dtype=torch.float32)
         _, tok = self.base()
         batcher = MixedBatcher({i: self.tokens(n, "train") for i, n in enumerate(cfg.task_names) if n in chosen},
                                tcfg.batch_size, tcfg.sampling, tcfg.seed, tok.pad_token_id)
-        prior = BoraPrior(mtm, tau, sizes, init)
+        extras = training_extras(mtm, cfg.tasks, tau, tcfg.lr)  # HiddenKey loss, GMT mask + masked Adam
+        prior = BoraPrior(mtm, tau, sizes, init, loss_terms=extras.loss_terms)
         steps = steps or tcfg.steps
         run_id = {"tasks": cfg.task_names, "train": chosen, "tau": tau, "seed": tcfg.seed, "steps": steps,
                   "batch": tcfg.batch_size, "lr": tcfg.lr, "base": mtm.fingerprint}
-        hooks = [freeze_hook(mtm, frozen_ids)] if frozen_ids else []
+        hooks = ([freeze_hook(mtm, frozen_ids)] if frozen_ids else []) + extras.grad_hooks
         trainer = Trainer(prior, batcher, steps=steps, lr=tcfg.lr, seed=tcfg.seed, grad_accum=tcfg.grad_accum,
                           checkpoint_every=tcfg.checkpoint_every, checkpoint_dir=store_mod.checkpoint_dir(self.store),
-                          run_id=run_id, grad_hooks=hooks)
+                          run_id=run_id, grad_hooks=hooks, optimizer_factory=extras.optimizer_factory)
         report = trainer.fit(resume=resume, progress=progress)
-        mtm.set_params(prior.values())
-        info = {n: {"n_train": len(self.data(n).train), "n_test": len(self.data(n).test)} for n in cfg.task_names}
+        params = prior.values()
+        if frozen_ids:  # tau = 0 would reset Theta to the task mean; a subset run keeps the stored one
+            params = {k: (theta, init[k][1]) for k, (theta, _) in params.items()}
+        mtm.set_params(params)
+        info = {n: {"n_train": len(self.data(n).train), "n_test": len(self.data(n).test)} if n in chosen
+                else stored_info.get(n, {}) for n in cfg.task_names}
         specs = {t.name: cfg.adapter_of(t) for t in cfg.tasks}
         store_mod.save(self.store, mtm, tau, info, specs,
                        metrics={"steps": report.steps, "train_nll": report.last_nll})
@@ -126,25 +138,20 @@ class Workspace:
         return out
 
 
-def _warm_start(mtm: MultiTaskModel, old: MultiTaskModel, init: dict) -> dict:
-    """Start from a stored hub: known tasks keep their parameters, new tasks start at the stored Theta
-    of their group (cold start from the prior), plus the same tiny noise as a fresh run."""
-    old_params = old.get_params()
+def _warm_start(mtm: MultiTaskModel, stored: dict, init: dict) -> dict:
+    """Start from a stored hub (``store.read_params``): known tasks keep their parameters, new tasks start
+    at the stored Theta of their group (cold start from the prior), plus the same tiny noise as a fresh run."""
     out = {}
     for g in mtm.groups:
         theta, Theta = init[g.key]
         theta = theta.clone()
-        if g.key in old_params:
-            o_theta, o_Theta = old_params[g.key]
-            og = next(x for x in old.groups if x.key == g.key)
+        if g.key in stored:
+            thetas, stored_Theta = stored[g.key]
             noise = theta - Theta
-            Theta = o_Theta.clone()
+            Theta = stored_Theta.clone()
             for slot, tid in enumerate(g.task_ids):
                 name = mtm.task_names[tid]
-                if name in old.task_names and old.task_id(name) in og.task_ids:
-                    theta[slot] = o_theta[og.task_ids.index(old.task_id(name))]
-                else:
-                    theta[slot] = Theta + noise[slot]
+                theta[slot] = thetas[name] if name in thetas else Theta + noise[slot]
         out[g.key] = (theta, Theta)
     return out
 

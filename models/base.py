@@ -63,9 +63,20 @@ def _embedded_folder(name: str) -> Path:
     return target
 
 
+def quiet_loading() -> None:
+    """Silence the libraries' per-file progress bars; our own bars cover long work."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def load_base(name: str):
     """Load (model, tokenizer) in float32, eval mode, all parameters frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_loading()
 
     source = _embedded_folder(name) if name in EMBEDDED else name
     try:

@@ -23,6 +23,10 @@ from torch import Tensor
 
 from .multitask import MultiTaskModel
 
+# Guide parameters live in their guide, not in Pyro's global param store: two hubs in one process
+# (a tau sweep, a warm start, tests) must not share parameters by name.
+pyro.settings.set(module_local_params=True)
+
 
 class BoraPrior:
     """The Pyro model + MAP guide over every group's (theta, Theta)."""

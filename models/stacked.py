@@ -196,8 +196,13 @@ def build_stack(model: nn.Module, groups_spec: list[tuple[str, AdapterSpec, Adap
     """Wrap every targeted Linear of ``model`` once and return the stack of groups.
 
     ``groups_spec``: (key, spec, adapter type, global task ids) per group; the first is the primary
-    group, whose Theta serves the GLOBAL fallback id.
+    group, whose Theta serves the GLOBAL fallback id. Layers wrapped by an earlier stack are unwrapped
+    first, so one base model can be re-used by successive MultiTaskModels (the last one owns it).
     """
+    for name, m in list(model.named_modules()):
+        if isinstance(m, StackedLinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     groups = []
     for i, (key, spec, atype, ids) in enumerate(groups_spec):

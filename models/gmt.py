@@ -1,0 +1,113 @@
+"""GMT: gradient-mask tuning (Li et al. 2024, "Gradient-Mask Tuning Elevates the Upper Limits of LLM
+Performance", method section).
+
+The trainer accumulates the gradients of ``grad_accum`` micro-batches; before the optimiser step, GMT keeps
+in each parameter tensor only the entries with the largest |grad| (a ``keep_ratio`` share) and zeroes the
+rest. Here a "tensor" is one module parameter (e.g. LoRA A of one q_proj) of one task's slot in its group's
+flat vector, so every adapter type is masked the same way, and only the rows of tasks with ``gmt:`` are
+touched. A slice of n entries keeps exactly max(1, round(keep_ratio * n)) of them.
+
+Theta: under a finite tau its gradient is only the prior's pull tau * sum_t (Theta - theta_t), not a data
+gradient, so it is not masked. Under tau = shared, Theta is the one adapter every task trains, and it is
+masked like a task slice with the largest keep_ratio of its group's GMT tasks (no task keeps less than it
+asked for).
+
+A zeroed gradient is not enough with Adam: its momentum would still move the entry and both moments would
+decay. :class:`MaskedAdam` therefore leaves masked entries exactly as they were: parameter, both moments
+and the entry's own step count (its bias correction counts only the steps it took part in).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .multitask import MultiTaskModel
+from .stacked import Group
+
+
+def keep_count(numel: int, keep_ratio: float) -> int:
+    return max(1, round(keep_ratio * numel))
+
+
+class GradientMask:
+    """A Trainer grad hook: masks the accumulated gradients in place and records the masks for MaskedAdam.
+
+    keep: per global task id, its keep_ratio or None (GMT off for that task).
+    """
+
+    def __init__(self, mtm: MultiTaskModel, keep: list[float | None], tau):
+        self.plan: dict[str, tuple[Group, list[tuple[float, Tensor]]]] = {}
+        for i, g in enumerate(mtm.groups):
+            rows: dict[float, list[int]] = {}
+            for slot, tid in enumerate(g.task_ids):
+                if keep[tid] is not None:
+                    rows.setdefault(keep[tid], []).append(slot)
+            if not rows:
+                continue
+            if tau == "shared":
+                self.plan[f"Theta_{i}"] = (g, [(max(rows), torch.tensor([0]))])
+            else:
+                self.plan[f"theta_{i}"] = (g, [(r, torch.tensor(s)) for r, s in rows.items()])
+        self.masks: dict[Tensor, Tensor] = {}  # parameter -> bool mask of the entries the last step may change
+
+    def __call__(self, named_params: list[tuple[str, Tensor]]) -> None:
+        for name, p in named_params:
+            site = name.split(".")[-1].removesuffix("_unconstrained")
+            if site not in self.plan or p.grad is None:
+                continue
+            g, parts = self.plan[site]
+            grad = p.grad.view(-1, g.dim)  # theta (T_g, D); Theta (D,) as one row
+            mask = torch.ones_like(grad, dtype=torch.bool)
+            for ratio, rows in parts:
+                rows = rows.to(grad.device)
+                for _, _, s in g.slices():
+                    block = grad[rows, s.offset: s.offset + s.numel]
+                    top = block.abs().topk(keep_count(s.numel, ratio), dim=1).indices
+                    mask[rows, s.offset: s.offset + s.numel] = torch.zeros_like(block, dtype=torch.bool).scatter_(1, top, True)
+            grad.masked_fill_(~mask, 0)
+            self.masks[p] = mask.view_as(p)
+
+    def optimizer(self, params, lr: float) -> MaskedAdam:
+        """The optimiser to pair with this hook (Trainer's ``optimizer_factory``)."""
+        return MaskedAdam(params, self.masks, lr=lr)
+
+
+class MaskedAdam(torch.optim.Optimizer):
+    """Adam (Kingma and Ba 2015) that skips masked entries entirely; parameters without a mask in ``masks``
+    take the plain Adam step (identical to torch.optim.Adam up to rounding)."""
+
+    def __init__(self, params, masks: dict[Tensor, Tensor], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.masks = masks
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    for key in ("step", "exp_avg", "exp_avg_sq"):
+                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                grad, m, v, t = p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]
+                mask = self.masks.get(p)
+                if mask is None:
+                    mask = torch.ones_like(p, dtype=torch.bool)
+                t.add_(mask.to(t.dtype))
+                m.copy_(torch.where(mask, m.lerp(grad, 1 - beta1), m))
+                v.copy_(torch.where(mask, v.mul(beta2).addcmul_(grad, grad, value=1 - beta2), v))
+                # Bias corrections in float64 (1 - 0.999 loses 4 digits in float32); never-updated
+                # entries are masked below, the clamp only avoids 0/0 there.
+                steps = t.clamp(min=1).double()
+                correction1 = (group["lr"] / (1 - beta1**steps)).to(p.dtype)
+                correction2 = (1 - beta2**steps).sqrt().to(p.dtype)
+                update = m / (v.sqrt() / correction2).add_(group["eps"]) * correction1
+                p.sub_(torch.where(mask, update, torch.zeros_like(update)))
+        return loss

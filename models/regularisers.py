@@ -1,0 +1,88 @@
+"""Per-task training options wired into joint training: HiddenKey (a two-pass loss) and GMT (a grad mask).
+
+HiddenKey (Wang et al. 2024, "LoRA Meets Dropout under a Unified Framework", the HiddenKey method): the rows of tasks with
+``hiddenkey:`` run a second forward pass with fresh DropKey/HiddenCut masks; their NLL is the mean of the two
+passes and the extra loss is ``kl_weight`` times the bidirectional KL between the two passes' next-token
+distributions, averaged over the scored tokens (the same per-token scale as the NLL the BoRA prior uses).
+Rows of other tasks run one pass with rates 0, which is the stock model bit for bit, and get no extra loss.
+The mechanics live in models/hiddenkey.py; they are active only in training mode, so eval is unaffected.
+
+GMT (Li et al. 2024): models/gmt.py.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tasks.schema import TaskSpec
+
+from .gmt import GradientMask
+from .hiddenkey import HiddenKey, bidirectional_kl
+from .multitask import MultiTaskModel
+
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, HiddenKey] = weakref.WeakKeyDictionary()
+
+
+def hiddenkey_for(lm: nn.Module) -> HiddenKey:
+    """The model's HiddenKey, installed once (a second install would stack a second set of HiddenCut hooks)."""
+    if lm not in _INSTALLED:
+        _INSTALLED[lm] = HiddenKey(lm)
+    return _INSTALLED[lm]
+
+
+class HiddenKeyLoss:
+    """``BoraPrior.loss_terms``: batch -> (summed NLL (N,), scored tokens (N,), extra loss per row (N,))."""
+
+    def __init__(self, mtm: MultiTaskModel, tasks: list[TaskSpec]):
+        self.mtm, self.hk = mtm, hiddenkey_for(mtm.lm)
+        specs = [t.hiddenkey for t in tasks]  # global task id order
+        self.on = torch.tensor([s is not None for s in specs])
+        self.key_rate = torch.tensor([s.key_drop if s else 0.0 for s in specs])
+        self.hidden_rate = torch.tensor([s.hidden_drop if s else 0.0 for s in specs])
+        self.kl_weight = torch.tensor([s.kl_weight if s else 0.0 for s in specs])
+
+    def __call__(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        t = batch["task_ids"].cpu()
+        try:
+            self.hk.set_rows(self.key_rate[t], self.hidden_rate[t])
+            logits = self.mtm(batch["input_ids"], batch["attention_mask"], batch["task_ids"]).logits
+            nll, ntok = self.mtm.row_nll(batch, logits)
+            extra = torch.zeros_like(nll)
+            rows = self.on[t].nonzero().squeeze(1)
+            if len(rows):
+                sub = {k: v[rows.to(v.device)] for k, v in batch.items()}
+                self.hk.set_rows(self.key_rate[t[rows]], self.hidden_rate[t[rows]])
+                logits2 = self.mtm(sub["input_ids"], sub["attention_mask"], sub["task_ids"]).logits
+                nll2, _ = self.mtm.row_nll(sub, logits2)
+                idx = rows.to(nll.device)
+                kl = bidirectional_kl(logits[idx, :-1], logits2[:, :-1], sub["labels"][:, 1:].ne(-100))
+                nll = nll.index_add(0, idx, (nll2 - nll[idx]) / 2)  # mean NLL of the two passes
+                extra = extra.index_add(0, idx, self.kl_weight[t[rows]].to(kl.device) * kl)
+        finally:
+            self.hk.clear()
+        return nll, ntok, extra
+
+
+@dataclass
+class TrainingExtras:
+    """What the per-task options add to a training run (all empty when no task enables any)."""
+
+    loss_terms: Callable | None = None
+    grad_hooks: list[Callable] = field(default_factory=list)
+    optimizer_factory: Callable | None = None
+
+
+def training_extras(mtm: MultiTaskModel, tasks: list[TaskSpec], tau, lr: float) -> TrainingExtras:
+    """HiddenKey loss terms and the GMT hook + masked Adam for the tasks (global id order) that enable them."""
+    extras = TrainingExtras()
+    if any(t.hiddenkey is not None for t in tasks):
+        extras.loss_terms = HiddenKeyLoss(mtm, tasks)
+    if any(t.gmt is not None for t in tasks):
+        mask = GradientMask(mtm, [t.gmt.keep_ratio if t.gmt else None for t in tasks], tau)
+        extras.grad_hooks.append(mask)
+        extras.optimizer_factory = lambda params: mask.optimizer(params, lr)
+    return extras

@@ -1,0 +1,102 @@
+"""SVFit (Sun et al. 2024, "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using
+Singular Values", method section): train only the top-r singular values of each frozen weight.
+
+With W = U S V^T, the adapted weight is W' = U_r diag(s_r + ds) V_r^T + (W - U_r diag(s_r) V_r^T), i.e.
+W' = W + U_r diag(ds) V_r^T. The base Linear stays in place, so the layer adds only the delta
+U_r diag(ds) V_r^T x, which is exactly zero at init (ds = 0). A task trains r numbers per matrix.
+
+U_r and V_r are frozen and shared by every task of a group (``AdapterType.frozen``). Computing them needs a
+full SVD of every target matrix (about 20 s on 2 cores for SmolLM2-135M), so they are cached on disk,
+keyed by a hash of the weight and the rank choice. The rank is ``spec.rank``, or with ``spec.energy`` the
+smallest r whose singular values hold that share of sum(s^2) (the rank then varies per matrix and
+``spec.rank`` is not used). The delta has rank r, so it exports as a LoRA with B = U_r diag(ds), A = V_r^T.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tasks.schema import AdapterSpec
+
+from .base import cache_dir
+
+
+def choose_rank(singular: Tensor, spec: AdapterSpec) -> int:
+    """spec.rank, or the smallest r with sum(s_1..r^2) >= energy * sum(s^2); at most min(out, in)."""
+    if spec.energy is None:
+        return min(spec.rank, singular.numel())
+    energy = singular.double().pow(2).cumsum(0)
+    return min(int((energy < spec.energy * energy[-1]).sum()) + 1, singular.numel())
+
+
+def top_singular(weight: Tensor, spec: AdapterSpec) -> tuple[Tensor, Tensor]:
+    """(U_r (out, r), V_r^T (r, in)) of a frozen weight, from the disk cache when it holds them."""
+    w = weight.detach().float().cpu().contiguous()
+    digest = hashlib.sha256(w.numpy().tobytes()).hexdigest()[:32]
+    tag = f"e{spec.energy:g}" if spec.energy is not None else f"r{spec.rank}"
+    path = cache_dir() / "svd" / f"{digest}-{w.shape[0]}x{w.shape[1]}-{tag}.safetensors"
+    cached = _read_cache(path)
+    if cached is None:
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        r = choose_rank(S, spec)
+        cached = {"U": U[:, :r].contiguous(), "Vh": Vh[:r].contiguous()}
+        _write_cache(path, cached)
+    return cached["U"].to(weight.device, weight.dtype), cached["Vh"].to(weight.device, weight.dtype)
+
+
+def _read_cache(path: Path) -> dict[str, Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        cached = load_file(str(path))
+    except (OSError, SafetensorError):
+        return None  # a damaged cache file is recomputed and overwritten
+    return cached if {"U", "Vh"} <= cached.keys() else None
+
+
+def _write_cache(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Atomic write; a cache that cannot be written (read-only home) only costs time."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".svd.", dir=path.parent)
+        os.close(fd)
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+class SVFit:
+    name = "svfit"
+
+    def frozen(self, spec: AdapterSpec, base: nn.Linear) -> dict[str, Tensor]:
+        U, Vh = top_singular(base.weight, spec)
+        return {"U": U, "Vh": Vh}
+
+    def shapes(self, spec: AdapterSpec, base: nn.Linear, frozen: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+        return {"s": (frozen["U"].shape[1],)}
+
+    def init(self, spec: AdapterSpec, base: nn.Linear, frozen: dict[str, Tensor], gen) -> dict[str, Tensor]:
+        return {"s": torch.zeros(frozen["U"].shape[1])}
+
+    def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor, frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
+        # The delta is linear in ds, so blending K choices in output space blends their ds: (N, r).
+        ds = (p["s"] * w[..., None]).sum(1)
+        return F.linear(F.linear(x, frozen["Vh"]) * ds[:, None, :], frozen["U"])
+
+    def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
+        return F.linear(F.linear(x, frozen["Vh"]) * p["s"], frozen["U"])
+
+    def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
+        r = frozen["U"].shape[1]
+        return frozen["Vh"], frozen["U"] * p["s"][None, :], float(r)  # lora_alpha = r: PEFT's scale is 1
