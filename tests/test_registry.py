@@ -36,7 +36,7 @@ CASES = {
                              "tasks[2].name: duplicate task name 'cooking'"),
     "missing data file": (lambda c: c["tasks"][0]["data"].__setitem__("path", "nope.jsonl"),
                           "tasks[0](cooking).data.path: data file not found: nope.jsonl"),
-    "bad tau": (lambda c: c["prior"].__setitem__("tau", -3), "prior.tau: must be a number >= 0 or 'shared'"),
+    "bad tau": (lambda c: c["prior"].__setitem__("tau", -3), "prior.tau: must be a number >= 0, 'shared' or 'auto'"),
     "unknown key": (lambda c: c.__setitem__("bogus", 1), "bogus: unknown key"),
 }
 

@@ -1,0 +1,180 @@
+"""BoRA's central claim on real data: a middle tau beats both extremes (tau=0 and tau=shared).
+
+BBC News topics as tasks with unequal training sizes (the rest held out), trained jointly at every tau of a
+grid with the same budget and seed, plus `tau: auto`; per-task held-out (test) perplexity for each.
+Writes docs/results/bora_bbc.json and two PNGs (perplexity vs tau; improvement vs data size).
+
+    python bench/bora_sweep.py            # full mode
+    python bench/bora_sweep.py --quick    # CI-sized: fewer steps, shorter texts, a 3-point grid
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hub.workspace import Workspace  # noqa: E402
+
+SIZES = {"sports": 25, "politics": 50, "tech": 100, "entertainment": 200, "business": 400}
+FULL = {"grid": [0, 10, 100, 1000, "shared"], "steps": 60, "batch_size": 8, "max_length": 64,
+        "eval_docs": 32, "auto_evaluations": 4}
+QUICK = {"grid": [0, 100, "shared"], "steps": 6, "batch_size": 4, "max_length": 32, "eval_docs": 6,
+         "auto_evaluations": 3}
+
+
+def bbc_registry(work: Path, mode: dict, seed: int) -> Path:
+    cfg = {
+        "base_model": "smollm2-135m", "store": "store", "prior": {"tau": 1.0},
+        "training": {"steps": mode["steps"], "batch_size": mode["batch_size"], "max_length": mode["max_length"],
+                     "lr": 0.003, "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"], "seed": seed},
+        "tasks": [{"name": n, "data": {"bbc_news": n, "max_train": k, "validation": 0.1, "test": 0.1}}
+                  for n, k in SIZES.items()],
+    }
+    path = work / "tasks.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def tau_label(tau) -> str:
+    return "shared" if tau == "shared" else f"{tau:g}"
+
+
+def run_sweep(config: Path, grid: list, auto_evaluations: int, progress: bool = False) -> dict:
+    """Train + test-evaluate at every tau of the grid and with tau auto; returns the results mapping."""
+    ws = Workspace(config)
+    root = ws.store
+    runs = {}
+    for tau in grid:
+        ws.store = root.parent / f"store-tau-{tau_label(tau)}"
+        t0 = time.perf_counter()
+        ws.train(tau=tau, progress=progress, fit_router=False)
+        res = ws.evaluate(split="test")
+        runs[tau_label(tau)] = {"tau": tau, "seconds": time.perf_counter() - t0,
+                                "perplexity": {n: r["perplexity"] for n, r in res.items()},
+                                "base_perplexity": {n: r["base_perplexity"] for n, r in res.items()},
+                                "n_train": {n: r["n_train"] for n, r in res.items()}}
+    from hub.tau_search import search_tau
+
+    ws.store = root.parent / "store-tau-auto"
+    t0 = time.perf_counter()
+    search_tau(ws, progress=progress, fit_router=False, evaluations=auto_evaluations)
+    from hub.store import read_state
+
+    search = read_state(ws.store)["metrics"]["tau_search"]
+    res = ws.evaluate(split="test")
+    auto = {"tau": search["chosen_tau"], "seconds": time.perf_counter() - t0, "search": search,
+            "perplexity": {n: r["perplexity"] for n, r in res.items()}}
+    return {"runs": runs, "auto": auto, **summarise(runs, auto)}
+
+
+def summarise(runs: dict, auto: dict) -> dict:
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    means = {k: mean(r["perplexity"]) for k, r in runs.items()}
+    middle = {k: v for k, v in means.items() if k not in ("0", "shared")}
+    best = min(middle, key=middle.get) if middle else min(means, key=means.get)
+    tasks = list(runs[best]["perplexity"])
+    per_task = {}
+    for t in tasks:
+        p_best, p0, ps = runs[best]["perplexity"][t], runs["0"]["perplexity"][t], runs["shared"]["perplexity"][t]
+        per_task[t] = {"n_train": runs[best]["n_train"][t], "best_tau": p_best, "tau_0": p0, "shared": ps,
+                       "beats_both": p_best < p0 and p_best < ps,
+                       "gain_vs_better_extreme": 1 - p_best / min(p0, ps),
+                       "gain_vs_tau_0": 1 - p_best / p0, "gain_vs_shared": 1 - p_best / ps}
+    better_extreme = min(means["0"], means["shared"])
+    return {
+        "mean_perplexity": means, "best_grid_tau": best,
+        "best_beats_both_on_every_task": all(v["beats_both"] for v in per_task.values()),
+        "mean_gain_vs_better_extreme": 1 - means[best] / better_extreme,
+        "per_task": per_task,
+        "auto_mean_perplexity": mean(auto["perplexity"]),
+        "auto_vs_best_grid": mean(auto["perplexity"]) / means[best] - 1,
+    }
+
+
+def plot(result: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    labels = list(runs)
+    finite = [float(runs[k]["tau"]) for k in labels if k not in ("0", "shared")]
+    lo, hi = (min(finite), max(finite)) if finite else (1.0, 10.0)
+    xs = {k: lo / 10 if k == "0" else hi * 10 if k == "shared" else float(runs[k]["tau"]) for k in labels}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tasks = list(runs[labels[0]]["perplexity"])
+    for t in tasks:
+        ax.plot([xs[k] for k in labels], [runs[k]["perplexity"][t] for k in labels], marker="o", alpha=0.7,
+                label=f"{t} (n={runs[labels[0]]['n_train'][t]})")
+    ax.plot([xs[k] for k in labels], [result["mean_perplexity"][k] for k in labels], color="black", linewidth=3,
+            marker="o", label="mean")
+    ax.axhline(result["auto_mean_perplexity"], color="gray", linestyle="--",
+               label=f"tau auto ({result['auto']['tau']:.3g}), mean")
+    ax.set_xscale("log")
+    ax.set_xticks([xs[k] for k in labels], [("0" if k == "0" else "∞ (shared)" if k == "shared" else k) for k in labels])
+    ax.set_xlabel("tau (prior precision)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("BoRA on BBC News topics (SmolLM2-135M)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p1 = out_dir / "bora_bbc_tau.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pt = result["per_task"]
+    ns = [pt[t]["n_train"] for t in tasks]
+    ax.plot(ns, [100 * pt[t]["gain_vs_tau_0"] for t in tasks], marker="o", label="vs tau=0 (independent)")
+    ax.plot(ns, [100 * pt[t]["gain_vs_shared"] for t in tasks], marker="s", label="vs tau=shared (one adapter)")
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training documents of the task")
+    ax.set_ylabel(f"perplexity reduction at tau={result['best_grid_tau']} (%)")
+    ax.legend()
+    fig.tight_layout()
+    p2 = out_dir / "bora_bbc_gain.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [str(p1), str(p2)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CI-sized run (minutes)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=".borahub/bora_sweep", help="scratch folder for the runs' stores")
+    ap.add_argument("--out", default=None, help="results folder (default docs/results; --quick: the work folder)")
+    args = ap.parse_args()
+    mode = QUICK if args.quick else FULL
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out or (work if args.quick else "docs/results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = run_sweep(bbc_registry(work, mode, args.seed), mode["grid"], mode["auto_evaluations"], progress=True)
+    import torch
+
+    result = {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+              "machine": f"{platform.machine()}, " + (torch.cuda.get_device_name() if torch.cuda.is_available()
+                                                      else f"cpu ({os.cpu_count()} cores)"),
+              "mode": "quick" if args.quick else "full", "settings": mode, "seeds": [args.seed],
+              "task_sizes": SIZES, "total_seconds": time.perf_counter() - t0, **result}
+    result["figures"] = plot(result, out_dir)
+    (out_dir / "bora_bbc.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps({k: result[k] for k in ("mean_perplexity", "best_grid_tau", "best_beats_both_on_every_task",
+                                             "mean_gain_vs_better_extreme", "auto_vs_best_grid", "total_seconds")},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

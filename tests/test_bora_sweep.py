@@ -1,0 +1,47 @@
+"""The tau sweep's code path at tiny scale, and tau: auto."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bora_sweep  # noqa: E402
+
+from hub.store import read_state  # noqa: E402
+from hub.workspace import Workspace  # noqa: E402
+
+
+def test_sweep_and_plots_at_tiny_scale(tiny_registry, tmp_path):
+    result = bora_sweep.run_sweep(tiny_registry, [0, 10, "shared"], auto_evaluations=3)
+    assert set(result["runs"]) == {"0", "10", "shared"}
+    assert set(result["per_task"]) == {"cooking", "finance", "sport"}
+    assert result["best_grid_tau"] == "10"  # the only middle value
+    tried = result["auto"]["search"]["tried"]
+    assert len(tried) == 3 and result["auto"]["tau"] == min(tried, key=lambda t: t["val_perplexity"])["tau"]
+    # only the first candidate trains from scratch; the later ones continue from a trained one
+    assert sum(t["warm_start_from"] is None for t in tried) == 1
+    # tau=0 and tau=shared really are different models
+    assert result["runs"]["0"]["perplexity"] != result["runs"]["shared"]["perplexity"]
+    result["auto"]["search"] = {}
+    figs = bora_sweep.plot(result, tmp_path)
+    assert all(Path(f).stat().st_size > 1000 for f in figs)
+    json.dumps(result, default=str)
+
+
+def test_tau_auto_in_the_registry_picks_and_records_a_tau(tiny_registry):
+    cfg = yaml.safe_load(tiny_registry.read_text())
+    cfg["prior"]["tau"] = "auto"
+    tiny_registry.write_text(yaml.safe_dump(cfg))
+    ws = Workspace(tiny_registry)
+    from hub.tau_search import search_tau
+
+    search_tau(ws, progress=False, fit_router=False, evaluations=2)
+    state = read_state(ws.store)
+    search = state["metrics"]["tau_search"]
+    assert state["tau"] == search["chosen_tau"] and 0.1 <= state["tau"] <= 1e5
+    assert len(search["tried"]) == 2
+    assert not any(p.name.startswith(".tau-search") for p in ws.store.parent.iterdir())
