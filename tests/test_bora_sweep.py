@@ -30,6 +30,8 @@ def test_sweep_and_plots_at_tiny_scale(tiny_registry, tmp_path):
     figs = bora_sweep.plot(result, tmp_path)
     assert all(Path(f).stat().st_size > 1000 for f in figs)
     json.dumps(result, default=str)
+    md = bora_sweep.table(result | {"command": "x", "machine": "y", "date": "z"})
+    assert md.count("\n| ") == 4 and "tau=shared" in md  # header + 3 tasks + mean
 
 
 def test_tau_auto_in_the_registry_picks_and_records_a_tau(tiny_registry):
