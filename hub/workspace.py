@@ -17,6 +17,7 @@ from tasks.data import TaskData, load_task
 from tasks.registry import ConfigError, load_config
 from tasks.schema import HubConfig
 
+from . import router as router_mod
 from . import store as store_mod
 
 
@@ -72,14 +73,26 @@ class Workspace:
 
     # -- training ----------------------------------------------------------------------------------
     def train(self, names: list[str] | None = None, steps: int | None = None, tau=None, resume: bool = False,
-              progress: bool = True) -> TrainReport:
+              progress: bool = True, warm_start: Path | None = None, fit_router: bool = True) -> TrainReport:
+        """Train (all tasks, or ``names`` with the rest frozen) and save the store.
+
+        tau: overrides the registry's; "auto" searches it on the validation split (hub/tau_search.py).
+        warm_start: a store to start every task from (used by the tau search).
+        fit_router: refit the router on the new adapters (skipped for intermediate runs of a search).
+        """
         cfg, tcfg = self.cfg, self.cfg.training
         if not cfg.tasks:
             raise ConfigError(["tasks: no tasks registered (add some with `borahub tasks add`)"], self.config_path)
         chosen = self.select(names)
         tau = cfg.prior.tau if tau is None else tau
+        if tau == "auto":
+            from .tau_search import search_tau
+
+            return search_tau(self, names, steps, progress, fit_router=fit_router)
         mtm = self.new_model()
         init = mtm.init_params(tcfg.seed)
+        if warm_start is not None:
+            init = _warm_start(mtm, store_mod.read_params(warm_start, store_mod.read_state(warm_start), mtm), init)
         frozen_ids: list[int] = []
         stored_info: dict[str, dict] = {}
         if names:  # train a subset: the other tasks and Theta stay at their stored values
@@ -116,6 +129,8 @@ class Workspace:
         specs = {t.name: cfg.adapter_of(t) for t in cfg.tasks}
         store_mod.save(self.store, mtm, tau, info, specs,
                        metrics={"steps": report.steps, "train_nll": report.last_nll})
+        if fit_router:
+            router_mod.fit_and_save(self, mtm, progress=progress)  # after save: save rebuilds the store folder
         return report
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -128,6 +143,9 @@ class Workspace:
         _, tok = self.base()
         out = {}
         for name in self.select(names):
+            if name not in mtm.task_names:
+                raise store_mod.StoreError(f"task {name!r} is registered but not trained yet "
+                                           f"(run `borahub train --tasks {name}`)")
             toks = self.tokens(name, split)
             toks = Tokenized(toks.ids[:max_docs], toks.n_prompt[:max_docs])
             tid = mtm.task_id(name)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tasks.registry import ConfigError
 from tasks.schema import AdapterSpec
 
 from .adapter import AdapterType
@@ -208,7 +209,8 @@ def build_stack(model: nn.Module, groups_spec: list[tuple[str, AdapterSpec, Adap
     for i, (key, spec, atype, ids) in enumerate(groups_spec):
         mods = {n: m for n, m in linears.items() if matches(n, spec.target_modules)}
         if not mods:
-            raise ValueError(f"adapter group {key}: no Linear module matches target_modules {spec.target_modules}")
+            raise ConfigError([f"adapter.target_modules: no Linear module of the base model matches "
+                               f"{spec.target_modules} (adapter group {key})"])
         groups.append(Group(key, spec, atype, ids, n_tasks, mods, primary=(i == 0)))
     stack = AdapterStack(groups)
     for name in sorted({n for g in groups for n in g.layout}):
