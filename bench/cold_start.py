@@ -70,7 +70,7 @@ def test_batches(ws: Workspace, name: str, route: int):
 def train_and_eval(cfg: Path, args, names: list[str] | None, tau=None) -> dict:
     ws = Workspace(cfg)
     t0 = time.perf_counter()
-    ws.train(names, steps=args.steps, tau=tau, progress=False)
+    ws.train(names, steps=args.steps, tau=tau, progress=False, fit_router=False)
     seconds = time.perf_counter() - t0
     mtm, _ = ws.trained_model()
     ppl = mtm.perplexity(test_batches(ws, args.new, mtm.task_id(args.new)))
@@ -84,7 +84,7 @@ def run(args, work: Path) -> dict:
     hub_cfg = write_registry(work / "hub", hub_tasks, args.tau, args)
     t0 = time.perf_counter()
     hub = Workspace(hub_cfg)
-    hub.train(progress=False)
+    hub.train(progress=False, fit_router=False)
     hub_seconds = time.perf_counter() - t0
     del hub
     gc.collect()
@@ -127,16 +127,17 @@ def markdown(out: dict) -> str:
         "",
         f"Command: `{out['command']}`  ",
         f"Machine: {out['machine']}  ",
-        f"Date: {out['date']}",
+        f"Date: {out['date']} (load average at start {out['load_average_at_start'][0]}: other jobs shared the CPU)",
         "",
         f"A hub is trained on the BBC News topics {', '.join(t for t in TOPICS if t != c['new'])} "
         f"({c['hub_max_train']} documents each, {c['hub_steps']} steps, tau = {c['tau']} as a Gaussian precision). "
         f"Then `{c['new']}` is added as a new task with N training documents and trained alone for {c['steps']} steps "
         f"({c['batch_size']} rows of at most {c['max_length']} tokens per step, lr {c['lr']}, SmolLM2-135M). "
-        f"Held-out perplexity on the same {out['test_docs']} test documents of `{c['new']}` for every N (lower is better).",
+        f"Held-out perplexity on the same {out['test_docs']} test documents of `{c['new']}` for every N "
+        "(lower is better).",
         "",
-        "- **cold**: `borahub tasks add` + `borahub train --tasks {0}`: starts at the hub's Theta, other tasks and Theta "
-        "frozen, the hub's prior applied".format(c["new"]),
+        f"- **cold**: `borahub tasks add` + `borahub train --tasks {c['new']}`: starts at the hub's Theta, "
+        "other tasks and Theta frozen, the hub's prior applied",
         "- **cold-tau0**: the same start at Theta, no prior (tau 0)",
         "- **scratch**: a plain LoRA, fresh init (B = 0), tau 0, the new task alone",
         "",
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = p.parse_args(argv)
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="borahub-cold-") as tmp:
         measured = run(args, Path(tmp))
     out = {
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{os.cpu_count()} CPU cores (nproc {len(os.sched_getaffinity(0))}), "
                    f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "date": datetime.date.today().isoformat(),
+        "load_average_at_start": [round(x, 1) for x in load],  # the machine is shared: other jobs slow every arm alike
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         **measured,
     }

@@ -3,6 +3,7 @@ from models.base import BaseModelError
 from models.trainer import ResumeError
 from tasks.registry import ConfigError
 
+from .router import RouterError
 from .store import StoreError
 
 
@@ -10,4 +11,4 @@ class RemoteError(Exception):
     """Push or pull failed: the Hub refused or was unreachable, or a pulled repo does not fit here."""
 
 
-USER_ERRORS = (ConfigError, StoreError, BaseModelError, ResumeError, RemoteError)
+USER_ERRORS = (ConfigError, StoreError, BaseModelError, ResumeError, RemoteError, RouterError)

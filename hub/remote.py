@@ -29,8 +29,9 @@ Merging into a non-empty local store builds one model over the union of tasks (r
     outputs depend on theta_t only, so pulled tasks give the logits they gave where they were pushed;
     only the global fallback adapter and later cold starts see the choice;
   * tau and training metrics: the local ones while local tasks remain, else the pulled ones;
-  * router files come from the repo only when the result holds exactly the pulled tasks; otherwise the
-    router has to be retrained after the pull (as after any training).
+  * the router (every store file that is not a task's or the hub's, e.g. router.json/.safetensors): the
+    local one while local tasks remain, else the repo's when every task of the repo is pulled. A router
+    may route to a subset of the hub's tasks; `borahub router fit` makes pulled tasks with data routable.
 """
 from __future__ import annotations
 
@@ -146,12 +147,13 @@ def build_manifest(ws: Workspace, state: dict, stage: Path, evals: dict[str, dic
         tasks.append({"name": name, "group": t["group"], "spec": spec, **info})
     files = {p.relative_to(stage).as_posix(): p for p in sorted(stage.rglob("*")) if p.is_file()}
     files = {rel: p for rel, p in files.items() if rel not in (MANIFEST, CARD)}
+    router = _extras(stage, names)
     return {
         "format": FORMAT, "base_model": hub_id(state["base_model"]), "base_model_name": state["base_model"],
         "fingerprint": state["fingerprint"], "tau": state["tau"],
         "groups": [{**g, "shapes": s} for g, s in zip(state["groups"], shapes)],
         "tasks": tasks,
-        "router": [rel for rel in files if rel not in (store.HUB_FILE, store.GLOBAL_FILE) and rel.split("/")[0] not in names],
+        "router": router,
         "files": {rel: {"sha256": _sha256(p), "size": p.stat().st_size} for rel, p in files.items()},
     }
 
@@ -229,11 +231,13 @@ def _stage(ws: Workspace, state: dict, names: list[str], stage: Path, evaluate: 
         mtm = store.build({**state, "tasks": [t for t in state["tasks"] if t["name"] in names]}, lm, tok)
         store.load_into(mtm, ws.store, state)
     if subset:
-        info = {t["name"]: {k: v for k, v in t.items() if k not in ("name", "group", "adapter")} for t in state["tasks"]}
+        info = {t["name"]: {k: v for k, v in t.items() if k not in ("name", "group", "adapter")}
+                for t in state["tasks"]}
         specs = {t["name"]: AdapterSpec.model_validate(t["adapter"]) for t in state["tasks"]}
         store.save(stage, mtm, state["tau"], info, specs, state.get("metrics"))
     else:
-        shutil.copytree(ws.store, stage, ignore=lambda _, entries: [e for e in entries if e.startswith(".") or "checkpoint" in e])
+        shutil.copytree(ws.store, stage,
+                        ignore=lambda _, entries: [e for e in entries if e.startswith(".") or "checkpoint" in e])
     return ws.evaluate(eval_names, mtm=mtm) if eval_names else {}
 
 
@@ -297,7 +301,7 @@ class PullResult:
     tasks: list[str]
     replaced: list[str] = field(default_factory=list)  # local tasks overwritten (--force)
     theta: dict[str, str] = field(default_factory=dict)  # group key -> "local" | "pulled"
-    router: list[str] = field(default_factory=list)  # router files taken from the repo
+    router: str | None = None  # where the store's router files came from: "local", "pulled" or None
     no_data: list[str] = field(default_factory=list)  # pulled tasks registered without data (path not here)
 
 
@@ -348,9 +352,9 @@ def _check_shapes(manifest: dict, mtm: MultiTaskModel, names: list[str], where: 
                                   f"the local base model needs {need.get(name)}")
 
 
-def _merged_registry(ws: Workspace, manifest: dict, names: list[str], where: str) -> tuple[dict, list[str]]:
-    """tasks.yaml with the pulled task specs (same name: replaced in place; new: appended), validated."""
-    raw = read_yaml(ws.config_path)
+def _merged_registry(ws: Workspace, raw: dict, manifest: dict, names: list[str],
+                     where: str) -> tuple[dict, list[str]]:
+    """The registry ``raw`` with the pulled task specs (same name: replaced in place; new: appended), validated."""
     tasks = list(raw.get("tasks") or [])
     index = {t.get("name"): i for i, t in enumerate(tasks) if isinstance(t, dict)}
     specs = {t["name"]: t["spec"] for t in manifest["tasks"]}
@@ -369,7 +373,8 @@ def _merged_registry(ws: Workspace, manifest: dict, names: list[str], where: str
     try:
         cfg = validate(merged, ws.base_dir, ADAPTERS.keys(), ws.config_path)
     except ConfigError as e:
-        raise RemoteError(f"{where}: the pulled task specs do not fit {ws.config_path}: {'; '.join(e.errors)}") from None
+        raise RemoteError(f"{where}: the pulled task specs do not fit {ws.config_path}: "
+                          f"{'; '.join(e.errors)}") from None
     for spec in tasks:
         if spec.get("name") in names and cfg.task(spec["name"]).adapter == cfg.adapter:
             del spec["adapter"]  # the registry's default adapter: no need to repeat it
@@ -382,13 +387,20 @@ def pull(config: str | Path, repo_id: str, *, revision: str | None = None, tasks
     """Pull a pushed hub (or some of its tasks) into the registry ``config`` and its store.
 
     Nothing is written unless every check passes; see the module docstring for how a merge works.
+    Without a registry at ``config``, one is created on the repo's base model.
     """
-    ws = Workspace(config)
     api = HfApi(endpoint=endpoint, token=token)
     where = f"{repo_id}@{revision or 'main'}"
     with _hub_call(f"pull {where}", repo_id, revision):
         commit = api.model_info(repo_id, revision=revision).sha
-        manifest = _read_manifest(Path(api.hf_hub_download(repo_id, MANIFEST, revision=commit, cache_dir=cache_dir)), where)
+        manifest_file = api.hf_hub_download(repo_id, MANIFEST, revision=commit, cache_dir=cache_dir)
+    manifest = _read_manifest(Path(manifest_file), where)
+    if Path(config).is_file():
+        raw = read_yaml(config)
+        ws = Workspace(config)
+    else:  # a fresh machine: a registry on the repo's base model
+        raw = {"base_model": manifest["base_model_name"], "store": ".borahub/store", "tasks": []}
+        ws = Workspace(config, cfg=validate(raw, Path(config).resolve().parent, ADAPTERS.keys(), config))
     names = _subset(tasks, [t["name"] for t in manifest["tasks"]], f"in {where}")
     lm, tok = ws.base()
     _check_base(manifest, fingerprint(lm, ws.cfg.base_model), ws.cfg.base_model, where)
@@ -397,17 +409,21 @@ def pull(config: str | Path, repo_id: str, *, revision: str | None = None, tasks
     local_names = [t["name"] for t in local_state["tasks"]] if local_state else []
     clash = [n for n in names if n in ws.cfg.task_names or n in local_names]
     if clash and not force:
-        raise RemoteError(f"pull {where}: task(s) {', '.join(clash)} already registered here (use --force to replace them)")
+        raise RemoteError(f"pull {where}: task(s) {', '.join(clash)} already registered here "
+                          "(use --force to replace them)")
     kept = [n for n in local_names if n not in names]
-    router = [] if kept else manifest["router"]
+    all_pulled = len(names) == len(manifest["tasks"])
+    router = _extras(ws.store, local_names) if kept else manifest["router"] if all_pulled else []
+    router_src = "local" if kept else "pulled"
 
-    wanted = [store.HUB_FILE, store.GLOBAL_FILE, *(f"{n}/{store.NATIVE_FILE}" for n in names), *router]
+    wanted = [store.HUB_FILE, store.GLOBAL_FILE, *(f"{n}/{store.NATIVE_FILE}" for n in names)]
+    wanted += router if router_src == "pulled" else []
     with _hub_call(f"pull {where}", repo_id, revision):
         snap = Path(api.snapshot_download(repo_id, revision=commit, allow_patterns=wanted, cache_dir=cache_dir))
     _verify_files(snap, manifest, wanted, where)
     pulled_state = store.read_state(snap)
     _check_consistent(pulled_state, manifest, where)
-    raw, no_data = _merged_registry(ws, manifest, names, where)
+    raw, no_data = _merged_registry(ws, raw, manifest, names, where)
 
     # One model over the union of tasks, in the order of the merged registry (store-only tasks last).
     reg_order = [t["name"] for t in raw["tasks"]]
@@ -422,36 +438,58 @@ def pull(config: str | Path, repo_id: str, *, revision: str | None = None, tasks
                               f"but its adapter spec makes group {specs[n].group_key()}")
     mtm = MultiTaskModel(lm, tok, ws.cfg.base_model, [(n, specs[n]) for n in order])
     _check_shapes(manifest, mtm, names, where)
-    pulled = store.read_params(snap, {**pulled_state, "tasks": [t for t in pulled_state["tasks"] if t["name"] in names]}, mtm)
-    local = store.read_params(ws.store, {**local_state, "tasks": [t for t in local_state["tasks"] if t["name"] in kept]},
-                              mtm) if kept else {}
+    pulled = store.read_params(snap, _only(pulled_state, names), mtm)  # every tensor checked against the model
+    local = store.read_params(ws.store, _only(local_state, kept), mtm) if kept else {}
+    theta_src = _merge_params(mtm, names, pulled, local, where)
 
+    info = {n: {k: v for k, v in entries[n].items() if k not in ("name", "group", "adapter", "spec")} for n in order}
+    for n in names:
+        info[n]["source"] = f"{repo_id}@{commit}"
+    tau = local_state["tau"] if kept else manifest["tau"]
+    metrics = local_state.get("metrics") if kept else pulled_state.get("metrics")
+
+    def write_store(staged: Path) -> None:
+        store.save(staged, mtm, tau, info, specs, metrics)
+        for rel in router:
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile((ws.store if router_src == "local" else snap) / rel, staged / rel)
+
+    _swap_in(ws, raw, write_store)
+    return PullResult(repo_id, revision or "main", commit, names, [n for n in names if n in clash],
+                      theta_src, router_src if router else None, no_data)
+
+
+def _extras(store_dir: Path, task_names: list[str]) -> list[str]:
+    """Files of a store that belong to no task and are not the hub's own (the router's), relative paths."""
+    files = [p.relative_to(store_dir).as_posix() for p in sorted(store_dir.rglob("*")) if p.is_file()]
+    return [rel for rel in files if rel not in (store.HUB_FILE, store.GLOBAL_FILE)
+            and rel.split("/")[0] not in task_names and not rel.startswith(".")]
+
+
+def _only(state: dict, names: list[str]) -> dict:
+    """``state`` restricted to the tasks ``names`` (groups unchanged: they index the Theta file)."""
+    return {**state, "tasks": [t for t in state["tasks"] if t["name"] in names]}
+
+
+def _merge_params(mtm: MultiTaskModel, names: list[str], pulled: dict, local: dict, where: str) -> dict[str, str]:
+    """Load pulled tasks from ``pulled``, the others from ``local`` (both ``store.read_params``), and per
+    group the local Theta while a local task of the group remains, else the pulled one. Returns the
+    source of each group's Theta."""
     params, theta_src = {}, {}
     for g in mtm.groups:
         local_thetas, local_Theta = local.get(g.key, ({}, None))
         pulled_thetas, pulled_Theta = pulled.get(g.key, ({}, None))
-        rows = [pulled_thetas[n] if n in names else local_thetas[n] for n in (mtm.task_names[t] for t in g.task_ids)]
-        use_local = bool(local_thetas)  # a local task of this group remains: keep the prior it was trained with
+        rows = []
+        for n in (mtm.task_names[t] for t in g.task_ids):
+            source = pulled_thetas if n in names else local_thetas
+            if n not in source:
+                raise RemoteError(f"{where}: no stored parameters for task {n!r} in group {g.key}")
+            rows.append(source[n])
+        use_local = bool(local_thetas)
         params[g.key] = (torch.stack(rows), local_Theta if use_local else pulled_Theta)
         theta_src[g.key] = "local" if use_local else "pulled"
     mtm.set_params(params)
-
-    source = f"{repo_id}@{commit}"
-    info = {n: {k: v for k, v in entries[n].items() if k not in ("name", "group", "adapter", "spec")} for n in order}
-    for n in names:
-        info[n]["source"] = source
-    tau = local_state["tau"] if kept else manifest["tau"]
-    metrics = local_state.get("metrics") if kept else pulled_state.get("metrics")
-    _swap_in(ws, raw, lambda staged: _write_store(staged, mtm, tau, info, specs, metrics, snap, router))
-    return PullResult(repo_id, revision or "main", commit, names, [n for n in names if n in clash],
-                      theta_src, router, no_data)
-
-
-def _write_store(staged: Path, mtm, tau, info, specs, metrics, snap: Path, router: list[str]) -> None:
-    store.save(staged, mtm, tau, info, specs, metrics)
-    for rel in router:
-        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(snap / rel, staged / rel)
+    return theta_src
 
 
 def _swap_in(ws: Workspace, raw: dict, write_store) -> None:

@@ -29,8 +29,10 @@ def cmd_pull(args) -> int:
         print(f"replaced local task(s): {', '.join(r.replaced)}")
     if r.no_data:
         print(f"registered without data (their data files are not here; inference only): {', '.join(r.no_data)}")
-    if r.router:
-        print(f"router files: {', '.join(r.router)}")
+    if r.router == "local":
+        print("kept the local router; `borahub router fit` makes pulled tasks with data routable")
+    elif r.router is None:
+        print("no router came with this pull: `borahub router fit` fits one for the tasks with data")
     return 0
 
 

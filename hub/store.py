@@ -154,7 +154,8 @@ def build(state: dict, lm, tok) -> MultiTaskModel:
     return MultiTaskModel(lm, tok, state["base_model"], specs)
 
 
-def read_params(store: str | Path, state: dict, mtm: MultiTaskModel) -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]]:
+def read_params(store: str | Path, state: dict,
+                mtm: MultiTaskModel) -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """The stored parameters that fit ``mtm``, as flat vectors checked against its layout.
 
     Per group key of ``mtm`` that the store also has: ({task name: theta_t (D,)}, Theta (D,)). A task is

@@ -18,6 +18,8 @@ and the entry's own step count (its bias correction counts only the steps it too
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ class GradientMask:
     """
 
     def __init__(self, mtm: MultiTaskModel, keep: list[float | None], tau):
-        self.plan: dict[str, tuple[Group, list[tuple[float, Tensor]]]] = {}
+        self.plan: dict[str, tuple[list[tuple[float, Tensor]], list[tuple[int, Tensor]], int]] = {}
         for i, g in enumerate(mtm.groups):
             rows: dict[float, list[int]] = {}
             for slot, tid in enumerate(g.task_ids):
@@ -45,9 +47,9 @@ class GradientMask:
             if not rows:
                 continue
             if tau == "shared":
-                self.plan[f"Theta_{i}"] = (g, [(max(rows), torch.tensor([0]))])
+                self.plan[f"Theta_{i}"] = ([(max(rows), torch.tensor([0]))], _blocks(g), g.dim)
             else:
-                self.plan[f"theta_{i}"] = (g, [(r, torch.tensor(s)) for r, s in rows.items()])
+                self.plan[f"theta_{i}"] = ([(r, torch.tensor(s)) for r, s in rows.items()], _blocks(g), g.dim)
         self.masks: dict[Tensor, Tensor] = {}  # parameter -> bool mask of the entries the last step may change
 
     def __call__(self, named_params: list[tuple[str, Tensor]]) -> None:
@@ -55,15 +57,19 @@ class GradientMask:
             site = name.split(".")[-1].removesuffix("_unconstrained")
             if site not in self.plan or p.grad is None:
                 continue
-            g, parts = self.plan[site]
-            grad = p.grad.view(-1, g.dim)  # theta (T_g, D); Theta (D,) as one row
+            parts, blocks, dim = self.plan[site]
+            grad = p.grad.view(-1, dim)  # theta (T_g, D); Theta (D,) as one row
             mask = torch.ones_like(grad, dtype=torch.bool)
             for ratio, rows in parts:
                 rows = rows.to(grad.device)
-                for _, _, s in g.slices():
-                    block = grad[rows, s.offset: s.offset + s.numel]
-                    top = block.abs().topk(keep_count(s.numel, ratio), dim=1).indices
-                    mask[rows, s.offset: s.offset + s.numel] = torch.zeros_like(block, dtype=torch.bool).scatter_(1, top, True)
+                sub = grad[rows]
+                keep = torch.zeros_like(sub, dtype=torch.bool)
+                for numel, cols in blocks:  # every slice of this size at once: (R, slices, numel)
+                    cols = cols.to(grad.device)
+                    block = sub[:, cols]
+                    top = block.abs().topk(keep_count(numel, ratio), dim=-1, sorted=False).indices
+                    keep[:, cols] = torch.zeros_like(block, dtype=torch.bool).scatter_(-1, top, True)
+                mask[rows] = keep
             grad.masked_fill_(~mask, 0)
             self.masks[p] = mask.view_as(p)
 
@@ -72,9 +78,21 @@ class GradientMask:
         return MaskedAdam(params, self.masks, lr=lr)
 
 
+def _blocks(g: Group) -> list[tuple[int, Tensor]]:
+    """The group's parameter slices as column indices, one (slices, numel) block per slice size: a model
+    has a handful of sizes, so masking takes a few batched top-k calls rather than one per module."""
+    offsets: dict[int, list[int]] = {}
+    for _, _, s in g.slices():
+        offsets.setdefault(s.numel, []).append(s.offset)
+    return [(n, torch.tensor(o)[:, None] + torch.arange(n)) for n, o in offsets.items()]
+
+
 class MaskedAdam(torch.optim.Optimizer):
     """Adam (Kingma and Ba 2015) that skips masked entries entirely; parameters without a mask in ``masks``
-    take the plain Adam step (identical to torch.optim.Adam up to rounding)."""
+    take the plain Adam step (identical to torch.optim.Adam up to rounding).
+
+    State per entry: exp_avg, exp_avg_sq and ``step``, the number of steps the entry took part in.
+    """
 
     def __init__(self, params, masks: dict[Tensor, Tensor], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -99,15 +117,20 @@ class MaskedAdam(torch.optim.Optimizer):
                 grad, m, v, t = p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]
                 mask = self.masks.get(p)
                 if mask is None:
-                    mask = torch.ones_like(p, dtype=torch.bool)
-                t.add_(mask.to(t.dtype))
-                m.copy_(torch.where(mask, m.lerp(grad, 1 - beta1), m))
-                v.copy_(torch.where(mask, v.mul(beta2).addcmul_(grad, grad, value=1 - beta2), v))
-                # Bias corrections in float64 (1 - 0.999 loses 4 digits in float32); never-updated
-                # entries are masked below, the clamp only avoids 0/0 there.
-                steps = t.clamp(min=1).double()
-                correction1 = (group["lr"] / (1 - beta1**steps)).to(p.dtype)
-                correction2 = (1 - beta2**steps).sqrt().to(p.dtype)
-                update = m / (v.sqrt() / correction2).add_(group["eps"]) * correction1
-                p.sub_(torch.where(mask, update, torch.zeros_like(update)))
+                    t.add_(1)
+                    m.lerp_(grad, 1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                else:  # masked entries: weight 0 in the lerp, factor 1 and addend 0 in v (exactly unchanged)
+                    keep = mask.to(p.dtype)
+                    t.add_(keep)
+                    m.lerp_(grad, keep * (1 - beta1))
+                    v.mul_(torch.where(mask, beta2, 1.0)).addcmul_(grad, grad * keep, value=1 - beta2)
+                # Bias corrections per entry from its own step count; 1 - beta^t as -expm1(t log beta), which
+                # float32 keeps accurate (1 - 0.999**t loses four digits). Entries never updated have m = 0.
+                steps = t.clamp(min=1)
+                size = torch.expm1(steps * math.log(beta1)).neg_().reciprocal_().mul_(group["lr"])
+                root = torch.expm1(steps * math.log(beta2)).neg_().sqrt_()
+                if mask is not None:
+                    size.mul_(keep)
+                p.sub_(m / (v.sqrt() / root).add_(group["eps"]) * size)
         return loss

@@ -1,11 +1,12 @@
 """Per-task training options wired into joint training: HiddenKey (a two-pass loss) and GMT (a grad mask).
 
-HiddenKey (Wang et al. 2024, "LoRA Meets Dropout under a Unified Framework", the HiddenKey method): the rows of tasks with
-``hiddenkey:`` run a second forward pass with fresh DropKey/HiddenCut masks; their NLL is the mean of the two
-passes and the extra loss is ``kl_weight`` times the bidirectional KL between the two passes' next-token
-distributions, averaged over the scored tokens (the same per-token scale as the NLL the BoRA prior uses).
-Rows of other tasks run one pass with rates 0, which is the stock model bit for bit, and get no extra loss.
-The mechanics live in models/hiddenkey.py; they are active only in training mode, so eval is unaffected.
+HiddenKey (Wang et al. 2024, "LoRA Meets Dropout under a Unified Framework", the HiddenKey method): the
+rows of tasks with ``hiddenkey:`` run a second forward pass with fresh DropKey/HiddenCut masks; their NLL is
+the mean of the two passes and the extra loss is ``kl_weight`` times the bidirectional KL between the two
+passes' next-token distributions, averaged over the scored tokens (the per-token scale of the NLL that the
+BoRA prior uses). Rows of other tasks run one pass with rates 0, which is the stock model bit for bit, and
+get no extra loss and no second pass. The mechanics live in models/hiddenkey.py; they act only in training
+mode, so evaluation and inference are unaffected.
 
 GMT (Li et al. 2024): models/gmt.py.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tasks.registry import ConfigError
 from tasks.schema import TaskSpec
 
 from .gmt import GradientMask
@@ -38,7 +40,11 @@ class HiddenKeyLoss:
     """``BoraPrior.loss_terms``: batch -> (summed NLL (N,), scored tokens (N,), extra loss per row (N,))."""
 
     def __init__(self, mtm: MultiTaskModel, tasks: list[TaskSpec]):
-        self.mtm, self.hk = mtm, hiddenkey_for(mtm.lm)
+        try:
+            self.mtm, self.hk = mtm, hiddenkey_for(mtm.lm)
+        except ValueError as e:  # e.g. no '*.mlp' modules, or attention not dispatched via AttentionInterface
+            names = ", ".join(t.name for t in tasks if t.hiddenkey is not None)
+            raise ConfigError([f"tasks({names}).hiddenkey: not supported by this base model ({e})"]) from None
         specs = [t.hiddenkey for t in tasks]  # global task id order
         self.on = torch.tensor([s is not None for s in specs])
         self.key_rate = torch.tensor([s.key_drop if s else 0.0 for s in specs])

@@ -97,6 +97,7 @@ class SVFit:
     def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
         return F.linear(F.linear(x, frozen["Vh"]) * p["s"], frozen["U"])
 
-    def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
+    def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec
+                ) -> tuple[Tensor, Tensor, float]:
         r = frozen["U"].shape[1]
         return frozen["Vh"], frozen["U"] * p["s"][None, :], float(r)  # lora_alpha = r: PEFT's scale is 1

@@ -11,8 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import write_tiny_registry
 from hub import store
 from hub.cli import main
+from hub.workspace import Workspace
 
 LR, STEPS = 0.01, 4
 FIRST = "model.layers.0.self_attn.q_proj:A"
@@ -32,6 +34,12 @@ def add_new_task(cfg: Path, tau: float | None = None) -> None:
         cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def adapters(store_dir: Path) -> dict[str, bytes]:
+    """The bytes of every task's and Theta's safetensors file (the router's is refitted by `train`)."""
+    return {p.relative_to(store_dir).as_posix(): p.read_bytes()
+            for p in store_dir.rglob("*.safetensors") if p.name != "router.safetensors"}
+
+
 def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[k].reshape(-1) for k in sorted(tensors)])
 
@@ -40,27 +48,34 @@ def theta_of(store_dir: Path) -> dict[str, torch.Tensor]:
     return {k.split("/", 1)[1]: v for k, v in load_file(str(store_dir / store.GLOBAL_FILE)).items()}
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir) -> Path:
+    """A trained tiny hub (3 tasks, no router): its tasks.yaml."""
+    cfg = write_tiny_registry(tmp_path_factory.mktemp("trained"), tiny_model_dir)
+    Workspace(cfg).train(progress=False, fit_router=False)
+    return cfg
+
+
 @pytest.fixture
-def hubs(tiny_hub, tmp_path) -> dict[str, Path]:
-    """Two copies of a trained tiny hub, each with the new task registered: prior tau 1e4 and tau 0."""
+def hubs(trained, tmp_path) -> dict[str, Path]:
+    """Two copies of the trained hub, each with the new task registered: prior tau 1e4 and tau 0."""
     out = {}
     for name, tau in (("strong", 1e4), ("none", 0.0)):
-        root = tmp_path / name
-        shutil.copytree(tiny_hub.parent, root, ignore=shutil.ignore_patterns("store-checkpoint", "strong", "none"))
-        add_new_task(root / "tasks.yaml", tau)
-        out[name] = root / "tasks.yaml"
+        shutil.copytree(trained.parent, tmp_path / name, ignore=shutil.ignore_patterns("store-checkpoint"))
+        add_new_task(tmp_path / name / "tasks.yaml", tau)
+        out[name] = tmp_path / name / "tasks.yaml"
     return out
 
 
 def test_new_task_trains_alone_from_theta(hubs, capsys):
     cfg = hubs["strong"]
     store_dir = cfg.parent / "store"
-    before = {p.relative_to(store_dir).as_posix(): p.read_bytes() for p in store_dir.rglob("*.safetensors")}
+    before = adapters(store_dir)
     Theta = theta_of(store_dir)
 
     assert main(["--config", str(cfg), "train", "--tasks", "news", "--steps", str(STEPS), "--quiet"]) == 0
 
-    after = {p.relative_to(store_dir).as_posix(): p.read_bytes() for p in store_dir.rglob("*.safetensors")}
+    after = adapters(store_dir)
     assert set(after) - set(before) == {f"news/{store.NATIVE_FILE}", f"news/{store.PEFT_WEIGHTS}"}
     assert all(after[k] == v for k, v in before.items())  # other tasks and Theta bit-identical
     new = load_file(str(store_dir / "news" / store.NATIVE_FILE))
@@ -76,7 +91,8 @@ def test_new_task_trains_alone_from_theta(hubs, capsys):
 def test_prior_still_pulls_the_new_task_towards_theta(hubs):
     dist = {}
     for name, cfg in hubs.items():
-        assert main(["--config", str(cfg), "train", "--tasks", "news", "--steps", str(STEPS), "--quiet"]) == 0
+        Workspace(cfg).train(["news"], steps=STEPS, progress=False, fit_router=False)
         store_dir = cfg.parent / "store"
-        dist[name] = float((flat(load_file(str(store_dir / "news" / store.NATIVE_FILE))) - flat(theta_of(store_dir))).norm())
+        new = flat(load_file(str(store_dir / "news" / store.NATIVE_FILE)))
+        dist[name] = float((new - flat(theta_of(store_dir))).norm())
     assert dist["strong"] < 0.5 * dist["none"]

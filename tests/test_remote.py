@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_lm, tiny_tokenizer, write_tiny_registry
 from hub import remote, store
+from hub.card import build_card
 from hub.cli import main
 from hub.errors import RemoteError
 from hub.workspace import Workspace
@@ -60,10 +61,11 @@ def pushed(server, origin):
     return repo_id, remote.push(origin, repo_id, tag="v1", token=TOKEN, endpoint=server.url)
 
 
-def registry(root: Path, model_dir: Path, tasks: list | None = None) -> Path:
+def registry(root: Path, model_dir: Path) -> Path:
+    """An empty registry on ``model_dir``."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / "tasks.yaml"
-    path.write_text(yaml.safe_dump({"base_model": str(model_dir), "store": "store", "tasks": tasks or []}))
+    path.write_text(yaml.safe_dump({"base_model": str(model_dir), "store": "store", "tasks": []}))
     return path
 
 
@@ -95,11 +97,12 @@ def test_push_writes_store_manifest_and_card(server, api, pushed, origin):
     tasks = ["cooking", "finance", "sport"]
     files = set(api.list_repo_files(repo_id))
     per_task = {f"{t}/{f}" for t in tasks for f in (store.PEFT_CONFIG, store.PEFT_WEIGHTS, store.NATIVE_FILE)}
-    assert files == {".gitattributes", "README.md", remote.MANIFEST, store.HUB_FILE, store.GLOBAL_FILE, *per_task}
+    manifest = json.loads(Path(hf_hub_download(repo_id, remote.MANIFEST, endpoint=server.url, token=TOKEN)).read_text())
+    assert manifest["router"] == ["router.json", "router.safetensors"]  # written by `train` beside the adapters
+    assert files == {".gitattributes", "README.md", remote.MANIFEST, store.HUB_FILE, store.GLOBAL_FILE, *per_task,
+                     *manifest["router"]}
     assert sorted(result.uploaded) == sorted(files - {".gitattributes"})
     assert {t.name for t in api.list_repo_refs(repo_id).tags} == {"v1"}
-
-    manifest = json.loads(Path(hf_hub_download(repo_id, remote.MANIFEST, endpoint=server.url, token=TOKEN)).read_text())
     assert manifest["fingerprint"] == Workspace(origin).trained_model()[1]["fingerprint"]
     assert [t["name"] for t in manifest["tasks"]] == tasks
     assert manifest["groups"][0]["shapes"]["model.layers.0.self_attn.q_proj:A"] == [4, 64]
@@ -112,6 +115,17 @@ def test_push_writes_store_manifest_and_card(server, api, pushed, origin):
     for t in manifest["tasks"]:
         assert t["perplexity"] < t["base_perplexity"]  # the adapters learned something
         assert f"| `{t['name']}` |" in card.text and f"{t['perplexity']:.2f}" in card.text
+
+
+def test_card_names_a_hub_base_model(server, pushed):
+    repo_id, _ = pushed
+    manifest = json.loads(Path(hf_hub_download(repo_id, remote.MANIFEST, endpoint=server.url, token=TOKEN)).read_text())
+    manifest["base_model"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    card = build_card(manifest, "me/news-hub")
+
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert 'PeftModel.from_pretrained(base, "me/news-hub", subfolder="cooking")' in card.text
 
 
 def test_push_again_uploads_nothing(server, api, pushed, origin):
@@ -134,6 +148,8 @@ def test_pulled_adapters_give_the_pushed_logits(server, pushed, origin, tiny_mod
 
     assert got.commit == result.commit and got.tasks == ["cooking", "finance", "sport"]
     assert got.no_data == got.tasks  # their jsonl files are not beside this registry
+    assert got.router == "pulled"
+    assert tree_bytes(cfg.parent / "store")["router.json"] == (origin.parent / "store" / "router.json").read_bytes()
     before, after = logits(Workspace(origin)), logits(Workspace(cfg))
     for name in got.tasks:
         assert (before[name] - after[name]).abs().max() < 1e-6
@@ -183,17 +199,23 @@ def test_branch_tag_and_subset_revisions(server, api, pushed, origin, tiny_model
     assert Workspace(cfg).cfg.task_names == ["cooking"]
 
 
-@pytest.fixture
-def local_hub(tmp_path, tiny_model_dir) -> Path:
+@pytest.fixture(scope="module")
+def local_trained(tmp_path_factory, tiny_model_dir) -> Path:
     """A second trained hub with two of the three tasks (cooking, finance) and all three data files."""
-    (tmp_path / "local").mkdir()
-    cfg = write_tiny_registry(tmp_path / "local", tiny_model_dir)
+    cfg = write_tiny_registry(tmp_path_factory.mktemp("local"), tiny_model_dir)
     raw = yaml.safe_load(cfg.read_text())
     raw["tasks"] = raw["tasks"][:2]
     raw["training"]["seed"] = 1
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     Workspace(cfg).train(progress=False)
     return cfg
+
+
+@pytest.fixture
+def local_hub(local_trained, tmp_path) -> Path:
+    """A fresh copy of ``local_trained``: its tasks.yaml."""
+    shutil.copytree(local_trained.parent, tmp_path / "local")
+    return tmp_path / "local" / "tasks.yaml"
 
 
 def test_pull_merges_into_a_store_with_other_tasks(server, pushed, origin, local_hub):
@@ -207,7 +229,8 @@ def test_pull_merges_into_a_store_with_other_tasks(server, pushed, origin, local
     got = pull(server, local_hub, repo_id, tasks=["sport"])
 
     assert got.theta == {"lora-r4-a8-down_proj+q_proj+v_proj": "local"} and got.no_data == []
-    for name in ("cooking", "finance", store.GLOBAL_FILE):  # local tasks and the local Theta untouched
+    assert got.router == "local"
+    for name in ("cooking", "finance", store.GLOBAL_FILE, "router."):  # local tasks, Theta and router untouched
         files = [k for k in before if k.startswith(name)]
         assert files and all((store_dir / k).read_bytes() == before[k] for k in files)
     merged = logits(Workspace(local_hub))
@@ -220,6 +243,7 @@ def test_pull_merges_into_a_store_with_other_tasks(server, pushed, origin, local
     forced = pull(server, local_hub, repo_id, force=True)
     assert forced.replaced == ["cooking", "finance", "sport"]
     assert forced.theta == {"lora-r4-a8-down_proj+q_proj+v_proj": "pulled"}  # no local task remains
+    assert forced.router == "pulled"
     assert tree_bytes(store_dir)[store.GLOBAL_FILE] == (origin.parent / "store" / store.GLOBAL_FILE).read_bytes()
 
 
@@ -238,7 +262,8 @@ def test_bad_pulls_change_nothing(server, api, pushed, origin, local_hub, tmp_pa
 
     api.create_branch(repo_id, branch="truncated")
     server.truncate_file(repo_id, "sport/native.safetensors", 100, revision="truncated")
-    assert "sport/native.safetensors is corrupt or truncated" in _failing_pull(server, local_hub, repo_id, "truncated", capsys)
+    err = _failing_pull(server, local_hub, repo_id, "truncated", capsys)
+    assert "sport/native.safetensors is corrupt or truncated" in err
 
     manifest = json.loads(Path(hf_hub_download(repo_id, remote.MANIFEST, endpoint=server.url, token=TOKEN)).read_text())
     manifest["groups"][0]["shapes"]["model.layers.1.mlp.down_proj:B"] = [64, 8]
@@ -253,7 +278,6 @@ def test_bad_pulls_change_nothing(server, api, pushed, origin, local_hub, tmp_pa
     tiny_tokenizer().save_pretrained(other_model)
     (tmp_path / "other").mkdir()
     other = write_tiny_registry(tmp_path / "other", other_model)
-    Workspace(other).train(steps=1, progress=False)
     assert "was built for base model" in _failing_pull(server, other, repo_id, "main", capsys)
 
     assert "not found" in _failing_pull(server, local_hub, "tester/no-such-repo", "main", capsys)
@@ -268,10 +292,11 @@ def test_cli_push_and_pull(server, api, origin, tiny_model_dir, tmp_path, capsys
     assert "pushed 2 task(s)" in out and "is up to date" in out
     assert api.model_info(repo_id).private is True
 
-    cfg = registry(tmp_path / "cli", tiny_model_dir)
+    cfg = tmp_path / "fresh" / "tasks.yaml"  # no registry yet: the pull creates one on the repo's base model
     assert main(["--config", str(cfg), "pull", repo_id, "--tasks", "sport"]) == 0
     assert "pulled 1 task(s)" in capsys.readouterr().out
-    assert Workspace(cfg).cfg.task_names == ["sport"]
+    assert Workspace(cfg).cfg.task_names == ["sport"] and Workspace(cfg).cfg.base_model == str(tiny_model_dir)
+    assert (tmp_path / "fresh" / ".borahub" / "store" / "sport" / store.PEFT_WEIGHTS).is_file()
     assert main(["--config", str(cfg), "pull", repo_id, "--tasks", "sport"]) == 2
     assert "already registered here (use --force" in capsys.readouterr().err
 

@@ -17,6 +17,7 @@ from models.multitask import MultiTaskModel
 from models.regularisers import HiddenKeyLoss
 from models.stacked import GLOBAL
 from models.svfit import choose_rank, top_singular
+from tasks.registry import ConfigError
 from tasks.schema import AdapterSpec, HiddenKeySpec, TaskSpec
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -36,7 +37,8 @@ def randomise(mtm: MultiTaskModel, scale: float = 0.2, seed: int = 0) -> None:
     """Random nonzero task parameters (a trained-looking adapter); Theta stays at init."""
     gen = torch.Generator().manual_seed(seed)
     params = mtm.init_params(seed)
-    mtm.set_params({k: (scale * torch.randn(theta.shape, generator=gen), Theta) for k, (theta, Theta) in params.items()})
+    mtm.set_params({k: (scale * torch.randn(theta.shape, generator=gen), Theta)
+                    for k, (theta, Theta) in params.items()})
 
 
 def ids_batch(n: int = 3, length: int = 10, seed: int = 1) -> torch.Tensor:
@@ -136,6 +138,23 @@ def test_svfit_energy_rank_and_disk_cache(svd_cache):
     assert cached.read_bytes() != b"damaged"
 
 
+@pytest.mark.parametrize("type_", ["moslora", "svfit"])
+def test_blending_is_in_output_space(type_):
+    """A row routed to K tasks with weights w gets sum_k w_k * delta_k(x), in the batched per-row path."""
+    mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [("a", spec(type_)), ("b", spec(type_))])
+    randomise(mtm)
+    (g,) = mtm.groups
+    m = "model.layers.1.mlp.down_proj"
+    p, frozen = g.params(m), g.frozen[m]
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(3))
+    slots, w = torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]])
+    blended = g.atype.delta(x, {k: v[slots] for k, v in p.items()}, w, frozen, g.spec)
+    for n in range(2):
+        parts = [g.atype.delta_one(x[n], {k: v[slots[n, j]] for k, v in p.items()}, frozen, g.spec) for j in range(2)]
+        torch.testing.assert_close(blended[n], w[n, 0] * parts[0] + w[n, 1] * parts[1], atol=1e-5, rtol=1e-5)
+    assert (blended[0] - blended[1]).abs().max() > 1e-3
+
+
 # -- HiddenKey wiring --------------------------------------------------------------------------------
 def task(name, hiddenkey=None) -> TaskSpec:
     return TaskSpec(name=name, hiddenkey=hiddenkey)
@@ -185,6 +204,16 @@ def test_hiddenkey_loss_gives_finite_gradients_through_the_prior():
     grads = {n.split(".")[-1]: p.grad for n, p in prior.guide.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert grads["theta_0_unconstrained"][1].abs().sum() > 0
+
+
+def test_hiddenkey_on_a_model_without_mlp_modules_is_a_config_error():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    lm = OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                  vocab_size=64, word_embed_proj_dim=32, max_position_embeddings=64))
+    mtm = MultiTaskModel(lm, None, "opt", [("a", AdapterSpec(rank=2, target_modules=["q_proj"]))])
+    with pytest.raises(ConfigError, match=r"tasks\(a\)\.hiddenkey"):
+        HiddenKeyLoss(mtm, [task("a", HiddenKeySpec())])
 
 
 # -- PEFT export -------------------------------------------------------------------------------------

@@ -1,0 +1,430 @@
+"""The router: p(task | prompt) from the frozen base model, and when to fall back to the global Theta.
+
+Fit (at the end of `borahub train`, or `borahub router fit`), per task with data:
+  1. embed each training input (``Example.router_text``, what a user would send) with the frozen base
+     model, adapters off: the mean over its first ``max_tokens`` tokens of the hidden state after decoder
+     layer ``depth * n_layers``. The forward stops at that layer, so routing costs a fraction of a
+     prefill (BBC News test accuracy 0.94 after layer 8 of SmolLM2's 30, 0.96 after the last, for 3.4x
+     the fit time: docs/results/router.md);
+  2. standardise and fit a multinomial logistic regression (L2, LBFGS): p(task | x);
+  3. calibrate on the validation split (never on the data the classifier saw):
+     - a temperature for p (validation NLL),
+     - the confidence threshold: the smallest max-p at which validation routing accuracy on the inputs
+       at or above it reaches ``target_accuracy`` (below it the router is "unsure"),
+     - the out-of-distribution threshold: the ``ood_quantile`` quantile of the validation inputs' distance
+       to the nearest task centroid (RMS over standardised features);
+     - optionally (``bayes_docs``) the same confidence rule for the Bayesian posterior below.
+
+Modes at inference: ``select`` (top-1), ``blend`` (top-k weighted by p, mixed in output space by the
+stacked layer), ``fallback`` (top-1, or Theta when unsure or out of distribution). The Bayesian scorer
+replaces p by p(task | x) ∝ p(x | theta_task) p(task), scoring every candidate in one mixed batch.
+
+Limit: "unlike every task" means unlike the tasks' training inputs, length included. Tasks fitted on whole
+documents send short prompts to Theta in ``fallback`` mode even when ``select`` routes them right
+(BBC headlines: docs/results/router.md).
+
+Files: ``<store>/router.safetensors`` (tensors) and ``<store>/router.json`` (everything else, with the
+SHA-256 of the tensors file), each written atomically, tensors first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from models.multitask import MultiTaskModel
+from models.stacked import GLOBAL
+
+ROUTER_JSON, ROUTER_WEIGHTS = "router.json", "router.safetensors"
+FORMAT = 1
+GLOBAL_NAME = "_global"  # the global Theta in routes; task names start with a letter or digit, so never clash
+MODES = ("select", "blend", "fallback")
+SCORERS = ("classifier", "bayes")
+
+
+class RouterError(Exception):
+    """No usable router, or a routing request that cannot be served (user-facing)."""
+
+
+@dataclass
+class RouterConfig:
+    """Fit settings; the reason beside each default."""
+
+    depth: float = 0.25  # share of decoder layers run: 2 points below the last layer on BBC News, 3.4x cheaper
+    max_tokens: int = 64  # the router reads a prompt's first 64 tokens (a headline and a sentence or two)
+    max_docs: int = 200  # training inputs per task for the fit; more adds little to a linear classifier
+    l2: float = 1e-3  # ridge on the standardised weights; BBC validation accuracy is flat in 1e-4..3e-3
+    target_accuracy: float = 0.97  # routing accuracy required above the confidence threshold
+    ood_quantile: float = 0.99  # share of in-distribution validation inputs kept (1% fall back as OOD)
+    bayes_docs: int = 0  # validation inputs per task to calibrate the Bayesian scorer (each costs T forwards)
+    batch_size: int = 16  # prompts per embedding forward
+
+
+@dataclass
+class Route:
+    """Where one prompt goes: adapter weights that sum to 1, and why."""
+
+    task: str  # the top task, or GLOBAL_NAME on fallback
+    weights: dict[str, float]  # adapter name -> weight, mixed in output space
+    fallback: bool = False
+    reason: str = "select"  # select | blend | override | unsure | ood | empty
+    scores: dict[str, float] = field(default_factory=dict)  # p(task | x) over the routable tasks
+    ood: float | None = None  # distance to the nearest task centroid (higher = less like any task)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "weights": self.weights, "fallback": self.fallback, "reason": self.reason,
+                "scores": self.scores, "ood_score": self.ood}
+
+
+class _Stop(Exception):
+    def __init__(self, hidden: Tensor):
+        self.hidden = hidden
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (the ModuleList as long as ``config.num_hidden_layers``)."""
+    n = lm.config.num_hidden_layers
+    for m in lm.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise RouterError(f"cannot find the {n} decoder layers of {type(lm).__name__} to embed prompts")
+
+
+def layer_for(lm: nn.Module, depth: float) -> int:
+    n = lm.config.num_hidden_layers
+    return min(n, max(1, round(depth * n)))
+
+
+@torch.no_grad()
+def embed(mtm: MultiTaskModel, texts: list[str], layer: int, max_tokens: int, batch_size: int = 16,
+          progress=None) -> Tensor:
+    """Mean hidden state after decoder layer ``layer`` over each text's first ``max_tokens`` tokens,
+    from the frozen base model (adapters off), as float32 (N, hidden). The forward stops at ``layer``."""
+    tok, lm = mtm.tokenizer, mtm.lm
+    mtm.route(None)
+    out = torch.zeros(len(texts), lm.config.hidden_size)
+
+    def stop(_module, _args, output):
+        raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+    hook = decoder_layers(lm)[layer - 1].register_forward_hook(stop)
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            enc = tok([texts[i] for i in idx], truncation=True, max_length=max_tokens, padding=True,
+                      return_tensors="pt").to(mtm.device)
+            try:
+                lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                raise RouterError(f"layer {layer} of {type(lm).__name__} did not run")
+            except _Stop as s:
+                hidden = s.hidden.float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out[idx] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+            if progress is not None:
+                progress.update(len(idx))
+    finally:
+        hook.remove()
+        tok.padding_side = side
+    return out
+
+
+@torch.no_grad()
+def log_likelihoods(mtm: MultiTaskModel, texts: list[str], task_ids: Tensor, max_tokens: int,
+                    max_rows: int = 32) -> Tensor:
+    """log p(x_i | theta_c) for every prompt i and candidate c of ``task_ids`` (N, C): the rows (i, c)
+    run as mixed batches (up to ``max_rows`` rows a forward), each row routed to its own task."""
+    tok, n, c = mtm.tokenizer, task_ids.shape[0], task_ids.shape[1]
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        enc = tok(texts, truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    ids, mask = enc["input_ids"].repeat_interleave(c, 0), enc["attention_mask"].repeat_interleave(c, 0)
+    rows = task_ids.reshape(-1)
+    out = torch.zeros(n * c)
+    for s in range(0, n * c, max_rows):
+        sl = slice(s, s + max_rows)
+        mtm.route(rows[sl])
+        logits = mtm.lm(input_ids=ids[sl].to(mtm.device), attention_mask=mask[sl].to(mtm.device),
+                        use_cache=False).logits.float()
+        labels = ids[sl, 1:].to(mtm.device).masked_fill(mask[sl, 1:].to(mtm.device) == 0, -100)
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        out[sl] = -nll.sum(1).cpu()
+    mtm.route(None)
+    return out.view(n, c)
+
+
+def _fit_softmax(z: Tensor, y: Tensor, n_classes: int, l2: float) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression by full-batch LBFGS: weights (T, D), bias (T,)."""
+    W = torch.zeros(n_classes, z.shape[1], requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ W.T + b, y) + l2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return W.detach(), b.detach()
+
+
+def _temperature(logits: Tensor, y: Tensor) -> float:
+    """The temperature minimising validation NLL, on a log grid from 0.05 to 20."""
+    grid = torch.logspace(math.log10(0.05), math.log10(20.0), 121)
+    nll = torch.stack([F.cross_entropy(logits / t, y) for t in grid])
+    return float(grid[int(nll.argmin())])
+
+
+def confidence_threshold(maxp: Tensor, correct: Tensor, target: float) -> float:
+    """The smallest t such that the inputs with max p >= t are routed with accuracy >= ``target``.
+
+    0 when every input may be kept; just above 1 (always unsure) when even the most confident input
+    misses the target."""
+    order = maxp.argsort(descending=True)
+    acc = correct[order].float().cumsum(0) / torch.arange(1, len(order) + 1)
+    ok = (acc >= target).nonzero()
+    if len(ok) == 0:
+        return math.nextafter(1.0, 2.0)
+    k = int(ok.max())  # keep the k+1 most confident inputs
+    return 0.0 if k == len(order) - 1 else float(maxp[order[k]])
+
+
+class Router:
+    """A fitted router: the classifier, the task centroids, and the calibrated thresholds."""
+
+    def __init__(self, tasks: list[str], tensors: dict[str, Tensor], meta: dict):
+        self.tasks, self.t, self.meta = list(tasks), tensors, meta
+
+    @property
+    def layer(self) -> int:
+        return self.meta["layer"]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.meta["max_tokens"]
+
+    @property
+    def thresholds(self) -> dict:
+        return self.meta["thresholds"]
+
+    def standardise(self, e: Tensor) -> Tensor:
+        return (e - self.t["mean"]) / self.t["std"]
+
+    def logits(self, z: Tensor) -> Tensor:
+        return z @ self.t["W"].T + self.t["b"]
+
+    def probs(self, e: Tensor) -> Tensor:
+        """Calibrated p(task | x), (N, T), from embeddings (N, D)."""
+        return torch.softmax(self.logits(self.standardise(e)) / self.meta["temperature"], -1)
+
+    def ood_scores(self, e: Tensor) -> Tensor:
+        """RMS distance of standardised embeddings to the nearest task centroid, (N,)."""
+        z = self.standardise(e)
+        return torch.cdist(z, self.t["centroids"]).min(1).values / z.shape[1] ** 0.5
+
+    def log_prior(self) -> Tensor:
+        return self.t["prior"].log()
+
+    def bayes_probs(self, mtm: MultiTaskModel, texts: list[str], p: Tensor, candidates: int | None = None) -> Tensor:
+        """Posterior p(task | x) ∝ p(x | theta_task) p(task) over each prompt's ``candidates`` most likely
+        tasks under the classifier (all by default); the others get 0."""
+        k = len(self.tasks) if candidates is None else max(1, min(candidates, len(self.tasks)))
+        cand = p.topk(k, dim=1).indices  # (N, k) router-local task indices
+        gids = torch.tensor([mtm.task_id(n) for n in self.tasks])[cand]
+        ll = log_likelihoods(mtm, texts, gids, self.max_tokens)
+        post = torch.softmax(ll + self.log_prior()[cand], -1)
+        return torch.zeros_like(p).scatter(1, cand, post)
+
+    def route(self, mtm: MultiTaskModel, texts: list[str], mode: str = "fallback", top_k: int = 2,
+              scorer: str = "classifier", candidates: int | None = None) -> list[Route]:
+        """Route each text. Empty (or blank) texts carry no evidence: they use Theta in every mode."""
+        if scorer not in SCORERS:
+            raise RouterError(f"unknown scorer {scorer!r} (scorers: {', '.join(SCORERS)})")
+        if mode not in MODES:
+            raise RouterError(f"unknown routing mode {mode!r} (modes: {', '.join(MODES)})")
+        keep = [i for i, t in enumerate(texts) if t.strip()]
+        routes: list[Route] = [Route(GLOBAL_NAME, {GLOBAL_NAME: 1.0}, True, "empty") for _ in texts]
+        if keep:
+            kept = [texts[i] for i in keep]
+            e = embed(mtm, kept, self.layer, self.max_tokens, self.meta["config"]["batch_size"])
+            p = self.probs(e)
+            if scorer == "bayes" and len(self.tasks) > 1:
+                p = self.bayes_probs(mtm, kept, p, candidates)
+            for i, r in zip(keep, self.decide(p, self.ood_scores(e), mode, top_k, scorer)):
+                routes[i] = r
+        return routes
+
+    def decide(self, p: Tensor, ood: Tensor, mode: str, top_k: int = 2, scorer: str = "classifier") -> list[Route]:
+        """Routes from probabilities (N, T) and OOD scores (N,). The unsure threshold is the one calibrated
+        for ``scorer`` (none for an uncalibrated Bayesian scorer: then only OOD inputs fall back)."""
+        conf = self.thresholds["confidence" if scorer == "classifier" else "bayes"]
+        routes = []
+        for row, score in zip(p.tolist(), ood.tolist()):
+            scores = {n: round(v, 6) for n, v in zip(self.tasks, row)}
+            ranked = sorted(range(len(row)), key=lambda i: -row[i])
+            top = self.tasks[ranked[0]]
+            if mode == "blend":
+                keep = [i for i in ranked[: max(1, top_k)] if row[i] > 0] or ranked[:1]
+                total = sum(row[i] for i in keep)
+                weights = {self.tasks[i]: row[i] / total for i in keep}
+                routes.append(Route(top, weights, False, "blend", scores, score))
+            elif mode == "fallback" and score > self.thresholds["ood"]:
+                routes.append(Route(GLOBAL_NAME, {GLOBAL_NAME: 1.0}, True, "ood", scores, score))
+            elif mode == "fallback" and conf is not None and row[ranked[0]] < conf:
+                routes.append(Route(GLOBAL_NAME, {GLOBAL_NAME: 1.0}, True, "unsure", scores, score))
+            else:
+                routes.append(Route(top, {top: 1.0}, False, "select", scores, score))
+        return routes
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, store: str | Path) -> None:
+        """Write router.safetensors, then router.json naming its SHA-256; each file atomically."""
+        store = Path(store)
+        store.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{ROUTER_WEIGHTS}.", dir=store)
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in self.t.items()}, tmp)
+            digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+            os.replace(tmp, store / ROUTER_WEIGHTS)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        meta = {"format": FORMAT, "tasks": self.tasks, **self.meta, "weights_sha256": digest}
+        fd, tmp = tempfile.mkstemp(prefix=f".{ROUTER_JSON}.", dir=store)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2)
+            os.replace(tmp, store / ROUTER_JSON)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, store: str | Path, mtm: MultiTaskModel) -> "Router":
+        """Load and check against the hub: same base model, every routed task present."""
+        store = Path(store)
+        jpath, wpath = store / ROUTER_JSON, store / ROUTER_WEIGHTS
+        if not jpath.is_file():
+            raise RouterError(f"{store}: no router (missing {ROUTER_JSON}); run `borahub router fit` or pass --task")
+        try:
+            meta = json.loads(jpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RouterError(f"{jpath}: not valid JSON ({e}); run `borahub router fit`") from None
+        if meta.get("format") != FORMAT:
+            raise RouterError(f"{jpath}: unsupported router format {meta.get('format')!r}; run `borahub router fit`")
+        if not wpath.is_file() or hashlib.sha256(wpath.read_bytes()).hexdigest() != meta.get("weights_sha256"):
+            raise RouterError(f"{wpath}: missing or not the file {ROUTER_JSON} was written with; "
+                              "run `borahub router fit`")
+        try:
+            tensors = load_file(str(wpath))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RouterError(f"{wpath}: corrupt safetensors file ({e}); run `borahub router fit`") from None
+        fp = meta.get("fingerprint", {})
+        if {k: fp.get(k) for k in ("config_hash", "weights_hash")} != \
+                {k: mtm.fingerprint.get(k) for k in ("config_hash", "weights_hash")}:
+            raise RouterError(f"{jpath}: the router was fitted on another base model; run `borahub router fit`")
+        missing = [n for n in meta["tasks"] if n not in mtm.task_names]
+        if missing:
+            raise RouterError(f"{jpath}: the router routes to task(s) the hub lacks ({', '.join(missing)}); "
+                              "run `borahub router fit`")
+        tasks = meta.pop("tasks")
+        for k in ("format", "weights_sha256"):
+            meta.pop(k)
+        return cls(tasks, tensors, meta)
+
+
+def fit(mtm: MultiTaskModel, train: dict[str, list[str]], validation: dict[str, list[str]],
+        cfg: RouterConfig | None = None, progress: bool = False) -> Router:
+    """Fit a router on each task's training inputs and calibrate it on its validation inputs.
+
+    ``train``/``validation``: task name -> input texts; tasks without training inputs are left out (they
+    are reachable only by an explicit override). With no validation input at all, calibration falls
+    back to the training inputs (recorded in ``meta["calibration"]["split"]``).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or RouterConfig()
+    tasks = [n for n in mtm.task_names if train.get(n)]
+    if not tasks:
+        raise RouterError("cannot fit a router: no task has training inputs")
+    tr = [(t, x) for t in tasks for x in train[t][: cfg.max_docs] if x.strip()]
+    va = [(t, x) for t in tasks for x in validation.get(t, [])[: cfg.max_docs] if x.strip()]
+    split = "validation" if va else "train"
+    va = va or tr
+    layer = layer_for(mtm.lm, cfg.depth)
+    bar = tqdm(total=len(tr) + len(va), desc="router", unit="doc", disable=not progress)
+    e_tr = embed(mtm, [x for _, x in tr], layer, cfg.max_tokens, cfg.batch_size, bar)
+    e_va = embed(mtm, [x for _, x in va], layer, cfg.max_tokens, cfg.batch_size, bar)
+    bar.close()
+    y_tr = torch.tensor([tasks.index(t) for t, _ in tr])
+    y_va = torch.tensor([tasks.index(t) for t, _ in va])
+
+    mean, std = e_tr.mean(0), e_tr.std(0, unbiased=False).clamp(min=1e-6)
+    z_tr = (e_tr - mean) / std
+    T = len(tasks)
+    W, b = _fit_softmax(z_tr, y_tr, T, cfg.l2)
+    counts = torch.bincount(y_tr, minlength=T).float()
+    centroids = torch.stack([z_tr[y_tr == i].mean(0) for i in range(T)])
+    tensors = {"mean": mean, "std": std, "W": W, "b": b, "centroids": centroids, "prior": counts / counts.sum()}
+    router = Router(tasks, tensors, {"layer": layer, "max_tokens": cfg.max_tokens, "temperature": 1.0,
+                                     "fingerprint": mtm.fingerprint, "config": asdict(cfg)})
+
+    router.meta["temperature"] = _temperature(router.logits(router.standardise(e_va)), y_va)
+    p = router.probs(e_va)
+    maxp, pred = p.max(1)
+    correct = pred == y_va
+    conf = confidence_threshold(maxp, correct, cfg.target_accuracy)
+    ood = router.ood_scores(e_va)
+    ood_t = float(torch.quantile(ood, cfg.ood_quantile))
+    router.meta["thresholds"] = {"confidence": conf, "ood": ood_t, "bayes": None}
+    unsure = maxp < conf
+    router.meta["calibration"] = {
+        "split": split, "inputs": len(va), "accuracy": float(correct.float().mean()),
+        "unsure_rate": float(unsure.float().mean()), "ood_rate": float((ood > ood_t).float().mean()),
+        "kept_accuracy": float(correct[~unsure].float().mean()) if bool((~unsure).any()) else None,
+    }
+    if cfg.bayes_docs > 0 and T > 1:
+        sub = [i for t in range(T) for i in (y_va == t).nonzero().flatten()[: cfg.bayes_docs].tolist()]
+        pb = router.bayes_probs(mtm, [va[i][1] for i in sub], p[sub])
+        bmax, bpred = pb.max(1)
+        bcorrect = bpred == y_va[sub]
+        router.meta["thresholds"]["bayes"] = confidence_threshold(bmax, bcorrect, cfg.target_accuracy)
+        router.meta["calibration"]["bayes"] = {"inputs": len(sub), "accuracy": float(bcorrect.float().mean())}
+    return router
+
+
+def fit_from_workspace(ws, mtm: MultiTaskModel, cfg: RouterConfig | None = None, progress: bool = False) -> Router:
+    """Fit on the registry's data for the hub's tasks (tasks without a data source are not routable)."""
+    train, validation = {}, {}
+    for name in mtm.task_names:
+        if name in ws.cfg.task_names and ws.cfg.task(name).data is not None:
+            d = ws.data(name)
+            train[name] = [e.router_text for e in d.train]
+            validation[name] = [e.router_text for e in d.validation]
+    return fit(mtm, train, validation, cfg, progress)
+
+
+def fit_and_save(ws, mtm: MultiTaskModel, cfg: RouterConfig | None = None, progress: bool = False) -> Router:
+    """Fit the router for a trained hub and write it into the workspace's store."""
+    router = fit_from_workspace(ws, mtm, cfg, progress)
+    router.save(ws.store)
+    return router
+
+
+def global_id(name: str, mtm: MultiTaskModel) -> int:
+    """Routing id of an adapter name (a task, or GLOBAL_NAME for Theta)."""
+    return GLOBAL if name == GLOBAL_NAME else mtm.task_id(name)

@@ -1,0 +1,210 @@
+"""CLI commands for inference: `borahub route`, `borahub generate`, `borahub router fit`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+# hub.router's GLOBAL_NAME and MODES, spelled out so that building the parser does not import torch.
+GLOBAL_NAME = "_global"
+MODES = ("select", "blend", "fallback")
+
+
+def _warnings_to_stderr() -> None:
+    """Engine warnings (truncation, replaced bytes) as one `borahub: warning:` line each."""
+    log = logging.getLogger("borahub")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("borahub: warning: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def read_inputs(path: str) -> list[tuple[int, str, str | None]]:
+    """(line number, text, task override or None) per non-blank line of a JSONL file ('-' = stdin).
+
+    Each line is {"text": ...} with an optional "task", or a bare JSON string. Bytes that are not
+    UTF-8 are replaced by U+FFFD with a warning; anything else malformed is a one-line user error."""
+    from .router import RouterError
+
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise RouterError(f"--input {path}: cannot read ({e.strerror or e})") from None
+    rows = []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            logging.getLogger("borahub").warning("%s:%d: bytes that are not UTF-8 replaced by U+FFFD", path, n)
+            text = line.decode("utf-8", errors="replace")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RouterError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(obj, str):
+            obj = {"text": obj}
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise RouterError(f'{path}:{n}: expected an object with a string "text" (or a JSON string)')
+        task = obj.get("task")
+        if task is not None and not isinstance(task, str):
+            raise RouterError(f'{path}:{n}: "task" must be a string')
+        rows.append((n, obj["text"], task))
+    return rows
+
+
+def _inputs(args) -> tuple[list[int], list[str], list[str | None]]:
+    from .router import RouterError
+
+    if args.input and args.texts:
+        raise RouterError("give prompts as arguments or with --input, not both")
+    if args.input:
+        rows = read_inputs(args.input)
+    else:
+        rows = [(i, t, None) for i, t in enumerate(args.texts, 1)]
+    if not rows:
+        raise RouterError("no inputs (give prompts as arguments or --input FILE.jsonl)")
+    lines, texts, tasks = zip(*rows)
+    tasks = [args.task or t for t in tasks]
+    return list(lines), list(texts), tasks
+
+
+def _engine(args):
+    from .engine import Engine
+
+    return Engine.from_workspace(args.config, max_input_tokens=args.max_input_tokens)
+
+
+def _routing(args) -> dict:
+    return {"mode": args.mode, "top_k": args.top_k, "scorer": "bayes" if args.bayes else "classifier",
+            "candidates": args.candidates}
+
+
+def cmd_route(args) -> int:
+    _warnings_to_stderr()
+    lines, texts, tasks = _inputs(args)
+    routes = _engine(args).route(texts, task=tasks, **_routing(args))
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        for n, r in zip(lines, routes):
+            out.write(json.dumps({"input": n, **r.to_json()}) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    _warnings_to_stderr()
+    lines, texts, tasks = _inputs(args)
+    gens = _engine(args).generate(texts, task=tasks, **_routing(args), max_new_tokens=args.max_new_tokens,
+                                  do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                                  seed=args.seed, chat=not args.no_chat)
+    for n, g in zip(lines, gens):
+        if args.json:
+            print(json.dumps({"input": n, **g.to_json()}))
+        else:
+            used = ", ".join(f"{k} {v:.2f}" for k, v in g.route.weights.items())
+            print(f"[{n}] {used}{' (fallback: ' + g.route.reason + ')' if g.route.fallback else ''}")
+            print(g.text.strip())
+            print()
+    return 0
+
+
+def cmd_router_fit(args) -> int:
+    from .router import RouterConfig, fit_and_save
+    from .workspace import Workspace
+
+    ws = Workspace(args.config)
+    mtm, _ = ws.trained_model()
+    cfg = RouterConfig(bayes_docs=args.bayes_docs, target_accuracy=args.target_accuracy,
+                       ood_quantile=args.ood_quantile)
+    r = fit_and_save(ws, mtm, cfg, progress=not args.quiet)
+    c, t = r.meta["calibration"], r.thresholds
+    print(f"router: {len(r.tasks)} tasks, embeddings after layer {r.layer}/{mtm.lm.config.num_hidden_layers}; "
+          f"{c['split']} accuracy {c['accuracy']:.3f} on {c['inputs']} inputs")
+    print(f"thresholds: confidence {t['confidence']:.3f} ({c['unsure_rate']:.1%} unsure), "
+          f"ood {t['ood']:.3f} ({c['ood_rate']:.1%} out of distribution)"
+          + (f", bayes {t['bayes']:.3f} (accuracy {c['bayes']['accuracy']:.3f} on {c['bayes']['inputs']})"
+             if t["bayes"] is not None else ""))
+    print(f"wrote {ws.store}/router.json and router.safetensors")
+    return 0
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {value!r})")
+    return n
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1] (got {value!r})")
+    return x
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (got {value!r})")
+    return n
+
+
+def _routing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="*", metavar="PROMPT", help="prompts (or use --input)")
+    p.add_argument("--input", help='JSONL file, one {"text": ..., "task": optional} per line ("-" = stdin)')
+    p.add_argument("--task", help=f"use this task for every input (no routing); {GLOBAL_NAME} = the global adapter")
+    p.add_argument("--mode", choices=MODES, default="fallback",
+                   help="select: top task; blend: top-k tasks weighted by p; fallback (default): top task, or "
+                        "the global adapter when the router is unsure or the input is unlike every task")
+    p.add_argument("--top-k", type=_positive, default=2, help="tasks blended in --mode blend (default 2)")
+    p.add_argument("--bayes", action="store_true",
+                   help="route by p(task | x) ∝ p(x | adapter) p(task), scoring candidates in one mixed batch")
+    p.add_argument("--candidates", type=_positive, help="with --bayes: score only the router's top tasks")
+    p.add_argument("--max-input-tokens", type=_positive, default=1024,
+                   help="longer prompts keep their last tokens, with a warning (default 1024)")
+
+
+def add_commands(sub) -> None:
+    ro = sub.add_parser("route", help="route inputs to task adapters (JSON lines out)")
+    _routing_args(ro)
+    ro.add_argument("--out", help="write the JSON lines here instead of stdout")
+    ro.add_argument("--json", action="store_true", help="JSON lines (the only output format; accepted for symmetry)")
+    ro.set_defaults(func=cmd_route)
+
+    ge = sub.add_parser("generate", help="routed generation; rows of one batch may use different tasks")
+    _routing_args(ge)
+    ge.add_argument("--max-new-tokens", type=_positive, default=64)
+    ge.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ge.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
+    ge.add_argument("--top-p", type=float, default=0.9, help="with --sample (default 0.9)")
+    ge.add_argument("--seed", type=int, help="seed for --sample")
+    ge.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+    ge.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    ge.set_defaults(func=cmd_generate)
+
+    rf = sub.add_parser("router", help="the router").add_subparsers(dest="router_command", required=True)
+    fi = rf.add_parser("fit", help="fit the router on the tasks' data and calibrate it on their validation split")
+    fi.add_argument("--bayes-docs", type=_count, default=0,
+                    help="validation inputs per task to calibrate --bayes routing (each costs one forward per task)")
+    fi.add_argument("--target-accuracy", type=_fraction, default=0.97,
+                    help="routing accuracy required above the confidence threshold (default 0.97)")
+    fi.add_argument("--ood-quantile", type=_fraction, default=0.99,
+                    help="share of validation inputs the OOD threshold keeps (default 0.99)")
+    fi.add_argument("--quiet", action="store_true", help="no progress bar")
+    fi.set_defaults(func=cmd_router_fit)

@@ -1,0 +1,183 @@
+"""The inference engine: mixed-task batched generation equals row-by-row generation, blends, fallback."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import TOPICS, write_tiny_registry
+
+from hub.engine import Engine, routing_tensors
+from hub.router import GLOBAL_NAME, Route
+from models.stacked import GLOBAL
+
+PROMPTS = {  # one prompt per task, of different lengths (so left padding matters)
+    "cooking": "stir the soup add salt bake bread with butter",
+    "finance": "the bank raised rates investors sold shares",
+    "sport": "the coach praised the striker and keeper in the final match",
+}
+OOD = "z z z z z z z z z z z z"  # single letters: in the vocabulary, unlike every task
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores idle pool threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tiny_model_dir) -> Engine:
+    from hub.workspace import Workspace
+
+    cfg = write_tiny_registry(tmp_path_factory.mktemp("hub"), tiny_model_dir)
+    Workspace(cfg).train(progress=False)  # fits and saves the router too
+    eng = Engine.from_workspace(cfg)
+    # Trained for a few steps only: make the task adapters and Theta clearly different.
+    g = eng.mtm.groups[0]
+    gen = torch.Generator().manual_seed(0)
+    eng.mtm.set_params({g.key: (g.flat[:-1] + 0.3 * torch.randn(g.flat[:-1].shape, generator=gen),
+                                g.flat[-1] + 0.3 * torch.randn(g.flat[-1].shape, generator=gen))})
+    return eng
+
+
+def last_logits(eng: Engine, prompts: list[str], routes: list[Route]) -> torch.Tensor:
+    """Next-token logits per row of one left-padded batch routed by ``routes``."""
+    enc = [eng._encode(p, True, 1000, "test")[0] for p in prompts]
+    width = max(map(len, enc))
+    ids = torch.tensor([[1] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    eng.mtm.route(*routing_tensors(routes, eng.mtm))
+    with torch.no_grad():
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = eng.mtm.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+    eng.mtm.route(None)
+    return out
+
+
+def test_mixed_batch_rows_equal_single_rows_with_task_forced(engine):
+    names = list(PROMPTS)
+    prompts = [PROMPTS[n] for n in names]
+    batch = engine.generate(prompts, mode="select", max_new_tokens=8)
+    assert [g.route.task for g in batch] == names  # the router sent each prompt to its own task
+    assert len({g.prompt_tokens for g in batch}) == 3  # different lengths: rows were left-padded
+    alone = [engine.generate([p], task=n, max_new_tokens=8)[0] for p, n in zip(prompts, names)]
+    assert [g.text for g in batch] == [g.text for g in alone]
+    # The tasks really differ: forcing one task on every row changes some row's continuation.
+    forced = engine.generate(prompts, task="cooking", max_new_tokens=8)
+    assert [g.text for g in forced] != [g.text for g in batch]
+
+
+def test_blend_with_one_task_at_weight_one_equals_select(engine):
+    prompts = list(PROMPTS.values())
+    select = [Route(n, {n: 1.0}) for n in PROMPTS]
+    others = ["finance", "sport", "cooking"]
+    blend = [Route(n, {n: 1.0, o: 0.0}, reason="blend") for n, o in zip(PROMPTS, others)]
+    torch.testing.assert_close(last_logits(engine, prompts, blend), last_logits(engine, prompts, select))
+    half = [Route(n, {n: 0.5, o: 0.5}, reason="blend") for n, o in zip(PROMPTS, others)]
+    assert not torch.allclose(last_logits(engine, prompts, half), last_logits(engine, prompts, select), atol=1e-4)
+    gen_select = engine.generate(prompts, routes=select, max_new_tokens=6)
+    gen_top1 = engine.generate(prompts, mode="blend", top_k=1, max_new_tokens=6)
+    assert [g.route.weights for g in gen_top1] == [{n: 1.0} for n in PROMPTS]
+    assert [g.text for g in gen_top1] == [g.text for g in gen_select]
+
+
+def test_fallback_rows_use_exactly_theta(engine):
+    prompts = [PROMPTS["finance"], OOD]
+    routes = engine.route(prompts, mode="fallback")
+    assert routes[0].task == "finance" and not routes[0].fallback
+    assert routes[1].fallback and routes[1].reason == "ood" and routes[1].weights == {GLOBAL_NAME: 1.0}
+    ids, _ = routing_tensors(routes, engine.mtm)
+    assert ids[1].tolist() == [GLOBAL]
+    mixed = last_logits(engine, prompts, routes)
+    # Reference: a copy of Theta put in the finance slot, routed as an ordinary task.
+    g = engine.mtm.groups[0]
+    saved = g.flat.clone()
+    slot = g.task_ids.index(engine.mtm.task_id("finance"))
+    try:
+        flat = saved.clone()
+        flat[slot] = saved[-1]
+        engine.mtm.set_params({g.key: (flat[:-1], flat[-1])})
+        ref = last_logits(engine, [OOD], [Route("finance", {"finance": 1.0})])
+    finally:
+        engine.mtm.set_params({g.key: (saved[:-1], saved[-1])})
+    torch.testing.assert_close(mixed[1:], ref)
+    for name in PROMPTS:  # and Theta is not any task's adapter
+        other = last_logits(engine, [OOD], [Route(name, {name: 1.0})])
+        assert (other - ref).abs().max() > 1e-3
+    batch = engine.generate(prompts, max_new_tokens=6)
+    alone = engine.generate([OOD], task=GLOBAL_NAME, max_new_tokens=6)
+    assert batch[1].route.fallback and batch[1].text == alone[0].text
+
+
+def test_sampling_is_seeded_and_keeps_routing(engine):
+    prompts = list(PROMPTS.values())
+    kw = {"mode": "select", "do_sample": True, "temperature": 1.5, "max_new_tokens": 8}
+    a, b, c = (engine.generate(prompts, seed=s, **kw) for s in (3, 3, 4))
+    assert [g.text for g in a] == [g.text for g in b]
+    assert [g.text for g in a] != [g.text for g in c]
+    assert [g.route.task for g in a] == list(PROMPTS)
+
+
+def test_empty_long_and_broken_prompts_are_handled(engine, caplog):
+    long = " ".join([TOPICS["sport"]] * 20)  # 320 words
+    bad = "the bank \udcff raised rates"  # a lone surrogate, as json.loads makes of "\\udcff"
+    engine.max_input_tokens = 40
+    try:
+        with caplog.at_level(logging.WARNING, logger="borahub"):
+            out = engine.generate(["", long, bad], max_new_tokens=4)
+    finally:
+        engine.max_input_tokens = 1024
+    assert out[0].route.fallback and out[0].route.reason == "empty" and out[0].prompt_tokens == 1
+    assert out[1].truncated and out[1].prompt_tokens <= 40 and out[1].route.task == "sport"
+    assert not out[0].truncated and not out[2].truncated
+    assert "\ufffd" in out[2].prompt and "\udcff" not in out[2].prompt
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "prompt 2: 320 tokens, kept the last 40" in messages and "prompt 3: invalid Unicode" in messages
+
+
+def test_chat_template_is_applied_when_the_tokenizer_has_one(engine):
+    tok = engine.tok
+    plain = engine._encode("the bank", True, 100, "test")[0]
+    tok.chat_template = ("{% for m in messages %}<bos> {{ m['content'] }} <eos>{% endfor %}"
+                         "{% if add_generation_prompt %} a{% endif %}")
+    try:
+        chat = engine._encode("the bank", True, 100, "test")[0]
+        assert engine._encode("the bank", False, 100, "test")[0] == plain
+        out = engine.generate(["the bank"], task="finance", max_new_tokens=3)
+    finally:
+        tok.chat_template = None
+    assert chat == tok("<bos> the bank <eos> a", add_special_tokens=False)["input_ids"] != plain
+    assert out[0].prompt_tokens == len(chat)
+
+
+def test_unknown_task_override_is_a_user_error(engine):
+    from hub.errors import USER_ERRORS
+
+    with pytest.raises(USER_ERRORS, match=r"unknown task\(s\) 'nope' \(tasks: cooking, finance, sport"):
+        engine.generate(["the bank"], task="nope")
+    with pytest.raises(USER_ERRORS, match="2 for 1 prompts"):
+        engine.route(["the bank"], task=["finance", "sport"])
+
+
+def test_embedded_smollm2_mixed_chat_batch_equals_single_rows():
+    """Integration: the real model, its chat template, left padding, two tasks and Theta in one batch."""
+    from models.base import load_base
+    from models.multitask import MultiTaskModel
+    from tasks.schema import AdapterSpec
+
+    lm, tok = load_base("smollm2-135m")
+    spec = AdapterSpec(rank=4, target_modules=["q_proj", "v_proj"])
+    mtm = MultiTaskModel(lm, tok, "smollm2-135m", [("news", spec), ("sport", spec)])
+    g = mtm.groups[0]
+    flat = 0.05 * torch.randn(g.flat.shape, generator=torch.Generator().manual_seed(0))
+    mtm.set_params({g.key: (flat[:-1], flat[-1])})
+    eng = Engine(mtm)
+    prompts = ["Write one sentence about the stock market.", "Who won?", "Name a colour."]
+    routes = [Route("news", {"news": 1.0}), Route("sport", {"sport": 1.0}), Route(GLOBAL_NAME, {GLOBAL_NAME: 1.0})]
+    batch = eng.generate(prompts, routes=routes, max_new_tokens=6)
+    assert tok.chat_template and batch[0].prompt_tokens > len(tok(prompts[0])["input_ids"]) + 5
+    alone = [eng.generate([p], routes=[r], max_new_tokens=6)[0].text for p, r in zip(prompts, routes)]
+    assert [b.text for b in batch] == alone and all(alone)

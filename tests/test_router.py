@@ -1,0 +1,186 @@
+"""The router: fitted at train time, calibrated on validation, stored safely; the route/generate CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TOPICS, write_tiny_registry
+
+from hub import router as R
+from hub.cli import main
+from hub.workspace import Workspace
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores idle pool threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def hub_cfg(tmp_path_factory, tiny_model_dir):
+    cfg = write_tiny_registry(tmp_path_factory.mktemp("hub"), tiny_model_dir)
+    Workspace(cfg).train(progress=False)
+    return cfg
+
+
+def test_confidence_threshold_is_the_smallest_meeting_the_target():
+    maxp = torch.tensor([0.6, 0.9, 0.7, 0.8, 0.5])
+    correct = torch.tensor([True, True, False, True, False])
+    assert R.confidence_threshold(maxp, correct, 0.9) == pytest.approx(0.8)  # keep 0.9, 0.8
+    assert R.confidence_threshold(maxp, correct, 0.75) == pytest.approx(0.6)  # 3 of 4 kept are right
+    assert R.confidence_threshold(maxp, correct, 0.5) == 0.0  # 3 of 5: every input may be kept
+    assert R.confidence_threshold(maxp, ~correct, 0.9) > 1.0  # never reached: always unsure
+
+
+def test_train_fits_a_router_calibrated_on_validation(hub_cfg):
+    ws = Workspace(hub_cfg)
+    mtm, _ = ws.trained_model()
+    router = R.Router.load(ws.store, mtm)
+    assert router.tasks == ["cooking", "finance", "sport"]
+    assert router.layer == 1  # depth 0.25 of 2 layers, at least one
+    val = {n: [e.router_text for e in ws.data(n).validation] for n in router.tasks}
+    texts = [t for n in router.tasks for t in val[n]]
+    y = torch.tensor([i for i, n in enumerate(router.tasks) for _ in val[n]])
+    e = R.embed(mtm, texts, router.layer, router.max_tokens)
+    ood = router.ood_scores(e)
+    assert router.thresholds["ood"] == pytest.approx(float(torch.quantile(ood, 0.99)), rel=1e-5)
+    maxp, pred = router.probs(e).max(1)
+    kept = maxp >= router.thresholds["confidence"]
+    assert kept.any() and (pred[kept] == y[kept]).float().mean() >= 0.97
+    cal = router.meta["calibration"]
+    assert cal["split"] == "validation" and cal["inputs"] == len(texts)
+    # Held-out test inputs go to their own task.
+    test = [(n, e.router_text) for n in router.tasks for e in ws.data(n).test]
+    routes = router.route(mtm, [t for _, t in test], mode="select")
+    assert [r.task for r in routes] == [n for n, _ in test]
+
+
+def test_modes_select_blend_fallback(hub_cfg):
+    ws = Workspace(hub_cfg)
+    mtm, _ = ws.trained_model()
+    router = R.Router.load(ws.store, mtm)
+    router.meta["thresholds"] = {"confidence": 0.6, "ood": 1.0, "bayes": None}
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    ood = torch.tensor([0.5, 0.5, 2.0])
+    sel = router.decide(p, ood, "select")
+    assert [r.weights for r in sel] == [{"cooking": 1.0}, {"cooking": 1.0}, {"sport": 1.0}]
+    blend = router.decide(p, ood, "blend", top_k=2)
+    assert blend[1].weights == pytest.approx({"cooking": 0.625, "finance": 0.375})
+    fb = router.decide(p, ood, "fallback")
+    assert [(r.task, r.fallback, r.reason) for r in fb] == [
+        ("cooking", False, "select"), (R.GLOBAL_NAME, True, "unsure"), (R.GLOBAL_NAME, True, "ood")]
+    # An uncalibrated Bayesian scorer has no unsure threshold: only OOD inputs fall back.
+    assert [r.reason for r in router.decide(p, ood, "fallback", scorer="bayes")] == ["select", "select", "ood"]
+
+
+def test_bayes_scores_every_candidate_in_one_mixed_batch(hub_cfg):
+    ws = Workspace(hub_cfg)
+    mtm, _ = ws.trained_model()
+    g = mtm.groups[0]
+    gen = torch.Generator().manual_seed(0)
+    mtm.set_params({g.key: (g.flat[:-1] + 0.3 * torch.randn(g.flat[:-1].shape, generator=gen), g.flat[-1])})
+    texts = ["the bank raised rates", "stir the soup add salt bake bread"]
+    ids = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    ll = R.log_likelihoods(mtm, texts, ids, max_tokens=64)
+    for i, text in enumerate(texts):  # each (prompt, task) alone, through the model's own NLL
+        enc = mtm.tokenizer([text], return_tensors="pt")
+        for c in range(3):
+            batch = {**enc, "labels": enc["input_ids"], "task_ids": ids[i, c:c + 1]}
+            with torch.no_grad():
+                nll, _ = mtm.row_nll(batch)
+            assert ll[i, c].item() == pytest.approx(-nll.item(), rel=1e-5)
+    assert ll.std() > 0.01  # the adapters really score differently
+    router = R.Router.load(ws.store, mtm)
+    post = router.bayes_probs(mtm, texts, torch.full((2, 3), 1 / 3))
+    ref = torch.softmax(ll + router.log_prior()[ids], -1)
+    torch.testing.assert_close(post.gather(1, ids), ref)
+
+
+def test_router_files_are_checked_on_load(hub_cfg, tmp_path):
+    import shutil
+
+    ws = Workspace(hub_cfg)
+    mtm, _ = ws.trained_model()
+    router = R.Router.load(ws.store, mtm)
+    copy = tmp_path / "store"
+    router.save(copy)
+    again = R.Router.load(copy, mtm)
+    e = torch.randn(4, mtm.lm.config.hidden_size)
+    torch.testing.assert_close(again.probs(e), router.probs(e))
+    meta = json.loads((copy / R.ROUTER_JSON).read_text())
+    (copy / R.ROUTER_JSON).write_text(json.dumps({**meta, "tasks": ["cooking", "gone"]}))
+    with pytest.raises(R.RouterError, match=r"lacks \(gone\)"):
+        R.Router.load(copy, mtm)
+    (copy / R.ROUTER_JSON).write_text(json.dumps(meta))
+    (copy / R.ROUTER_WEIGHTS).write_bytes(b"garbage")
+    with pytest.raises(R.RouterError, match="not the file router.json was written with"):
+        R.Router.load(copy, mtm)
+    shutil.rmtree(copy)
+    with pytest.raises(R.RouterError, match="no router"):
+        R.Router.load(copy, mtm)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_route_cli_handles_empty_long_broken_and_unknown_inputs(hub_cfg, tmp_path, capsys):
+    lines = [json.dumps({"text": "the bank raised rates investors sold shares"}).encode(),
+             json.dumps({"text": ""}).encode(),
+             b"",  # blank lines are skipped
+             json.dumps({"text": " ".join([TOPICS["sport"]] * 300)}).encode(),  # 4800 words
+             b'{"text": "the team scored \xff\xfe a goal"}',
+             json.dumps({"text": "stir the soup", "task": "cooking"}).encode()]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    code, out, err = run_cli(capsys, "--config", str(hub_cfg), "route", "--input", str(src), "--mode", "select")
+    assert code == 0
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [r["input"] for r in rows] == [1, 2, 4, 5, 6]
+    assert [r["task"] for r in rows] == ["finance", R.GLOBAL_NAME, "sport", "sport", "cooking"]
+    assert rows[1]["fallback"] and rows[1]["reason"] == "empty"
+    assert rows[4]["reason"] == "override" and rows[0]["scores"]["finance"] > 0.5
+    assert set(rows[0]) == {"input", "task", "weights", "fallback", "reason", "scores", "ood_score"}
+    assert err.strip().splitlines() == [f"borahub: warning: {src}:5: bytes that are not UTF-8 replaced by U+FFFD"]
+
+    src.write_text(json.dumps({"text": "the bank", "task": "nope"}) + "\n")
+    code, out, err = run_cli(capsys, "--config", str(hub_cfg), "route", "--input", str(src))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "unknown task(s) 'nope'" in err
+    src.write_text('{"text": "the bank"\n')
+    code, _, err = run_cli(capsys, "--config", str(hub_cfg), "route", "--input", str(src))
+    assert code == 2 and err.startswith(f"borahub: error: {src}:1: not valid JSON")
+    code, _, err = run_cli(capsys, "--config", str(hub_cfg), "route", "--input", str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "cannot read" in err
+
+
+def test_generate_cli_and_router_refit(hub_cfg, capsys):
+    ws = Workspace(hub_cfg)
+    (ws.store / R.ROUTER_JSON).unlink()
+    code, _, err = run_cli(capsys, "--config", str(hub_cfg), "generate", "the bank raised rates")
+    assert code == 2 and "no router" in err and "borahub router fit" in err
+    code, out, _ = run_cli(capsys, "--config", str(hub_cfg), "generate", "the bank", "--task", "finance",
+                           "--max-new-tokens", "3", "--json")
+    assert code == 0 and json.loads(out)["weights"] == {"finance": 1.0}  # overrides need no router
+    code, out, _ = run_cli(capsys, "--config", str(hub_cfg), "router", "fit", "--quiet", "--bayes-docs", "2")
+    assert code == 0 and "router: 3 tasks" in out and "bayes" in out
+    meta = json.loads((ws.store / R.ROUTER_JSON).read_text())
+    assert meta["thresholds"]["bayes"] is not None and meta["calibration"]["bayes"]["inputs"] == 6
+    code, out, _ = run_cli(capsys, "--config", str(hub_cfg), "generate", "the bank raised rates", "the team won",
+                           "--mode", "blend", "--top-k", "2", "--max-new-tokens", "3", "--json", "--bayes")
+    gens = [json.loads(x) for x in out.splitlines()]
+    assert code == 0 and len(gens) == 2 and all(math.isclose(sum(g["weights"].values()), 1.0) for g in gens)
+    assert all(len(g["weights"]) == 2 and g["reason"] == "blend" for g in gens)
+
+
+def test_cli_constants_match_the_router():
+    from hub import router_cli
+
+    assert router_cli.MODES == R.MODES and router_cli.GLOBAL_NAME == R.GLOBAL_NAME
