@@ -4,7 +4,7 @@ Fit (at the end of `borahub train`, or `borahub router fit`), per task with data
   1. embed each training input (``Example.router_text``, what a user would send) with the frozen base
      model, adapters off: the mean over its first ``max_tokens`` tokens of the hidden state after decoder
      layer ``depth * n_layers``. The forward stops at that layer, so routing costs a fraction of a
-     prefill (BBC News test accuracy 0.94 after layer 8 of SmolLM2's 30, 0.96 after the last, for 3.4x
+     prefill (BBC News test accuracy 0.94 after layer 8 of SmolLM2's 30, 0.96 after the last, for ~3x
      the fit time: docs/results/router.md);
   2. standardise and fit a multinomial logistic regression (L2, LBFGS): p(task | x);
   3. calibrate on the validation split (never on the data the classifier saw):
@@ -60,7 +60,7 @@ class RouterError(Exception):
 class RouterConfig:
     """Fit settings; the reason beside each default."""
 
-    depth: float = 0.25  # share of decoder layers run: 2 points below the last layer on BBC News, 3.4x cheaper
+    depth: float = 0.25  # share of decoder layers run: 2 points below the last layer on BBC News, ~3x cheaper
     max_tokens: int = 64  # the router reads a prompt's first 64 tokens (a headline and a sentence or two)
     max_docs: int = 200  # training inputs per task for the fit; more adds little to a linear classifier
     l2: float = 1e-3  # ridge on the standardised weights; BBC validation accuracy is flat in 1e-4..3e-3
@@ -427,4 +427,8 @@ def fit_and_save(ws, mtm: MultiTaskModel, cfg: RouterConfig | None = None, progr
 
 def global_id(name: str, mtm: MultiTaskModel) -> int:
     """Routing id of an adapter name (a task, or GLOBAL_NAME for Theta)."""
-    return GLOBAL if name == GLOBAL_NAME else mtm.task_id(name)
+    if name == GLOBAL_NAME:
+        return GLOBAL
+    if name not in mtm.task_names:
+        raise RouterError(f"unknown task {name!r} (tasks: {', '.join(mtm.task_names)})")
+    return mtm.task_id(name)

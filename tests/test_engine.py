@@ -160,6 +160,8 @@ def test_unknown_task_override_is_a_user_error(engine):
         engine.generate(["the bank"], task="nope")
     with pytest.raises(USER_ERRORS, match="2 for 1 prompts"):
         engine.route(["the bank"], task=["finance", "sport"])
+    with pytest.raises(USER_ERRORS, match="unknown task 'gone'"):
+        engine.generate(["the bank"], routes=[Route("gone", {"gone": 1.0})])
 
 
 def test_embedded_smollm2_mixed_chat_batch_equals_single_rows():

@@ -136,6 +136,8 @@ def test_embedded_smollm2_trains_and_evaluates(tmp_path):
     """Integration: the default registry on the embedded model, two steps, tiny eval."""
     cfg = yaml.safe_load((REPO / "tasks.yaml").read_text())
     cfg["tasks"] = cfg["tasks"][:2]
+    for t in cfg["tasks"]:  # small splits: the router is fitted on the train + validation inputs
+        t["data"].update(max_train=8, validation=0.02)
     cfg["training"].update(batch_size=2, max_length=24, eval_docs=2, checkpoint_every=1)
     (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(tmp_path / "tasks.yaml"), "train", "--steps", "2", "--quiet"]) == 0
