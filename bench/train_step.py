@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyro
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +50,7 @@ def borahub_steps(name: str, spec: AdapterSpec, batch: dict):
     init = mtm.init_params(0)
     sizes = torch.full((TASKS,), 100.0)
     prior = BoraPrior(mtm, 1000.0, sizes, init)
+    pyro.enable_validation(False)  # as the Trainer does
     prior.loss(batch)
     opt = torch.optim.Adam(list(prior.parameters()), lr=1e-3)
 
@@ -117,7 +119,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="docs/results/train_step.json")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     spec = AdapterSpec(rank=args.rank, alpha=2 * args.rank, target_modules=list(ALL_PROJECTIONS))
     _, tok = load_base(args.model)
@@ -137,7 +142,7 @@ def main() -> None:
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     result = {
         "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {device}, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "date": datetime.date.today().isoformat(),
         "setup": {"model": args.model, "tasks": TASKS, "rows": args.rows, "tokens_per_row": args.length,
                   "rank": args.rank, "targets": spec.target_modules, "repeats": args.repeats},
