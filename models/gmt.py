@@ -38,6 +38,7 @@ class GradientMask:
     """
 
     def __init__(self, mtm: MultiTaskModel, keep: list[float | None], tau):
+        # guide site -> ([(keep_ratio, slot rows)], slice blocks (see _blocks), D)
         self.plan: dict[str, tuple[list[tuple[float, Tensor]], list[tuple[int, Tensor]], int]] = {}
         for i, g in enumerate(mtm.groups):
             rows: dict[float, list[int]] = {}
