@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -26,17 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hub.workspace import Workspace  # noqa: E402
 
 SIZES = {"sports": 25, "politics": 50, "tech": 100, "entertainment": 200, "business": 400}
-FULL = {"grid": [0, 10, 100, 1000, "shared"], "steps": 30, "batch_size": 8, "max_length": 64,
-        "eval_docs": 24, "auto_evaluations": 3}
+FULL = {"grid": [0, 10, 100, 1000, 10000, "shared"], "steps": 60, "batch_size": 8, "max_length": 64,
+        "eval_docs": 40, "sampling": "balanced", "auto_evaluations": 4}
 QUICK = {"grid": [0, 100, "shared"], "steps": 6, "batch_size": 4, "max_length": 32, "eval_docs": 6,
-         "auto_evaluations": 3}
+         "sampling": "balanced", "auto_evaluations": 3}
 
 
 def bbc_registry(work: Path, mode: dict, seed: int) -> Path:
     cfg = {
         "base_model": "smollm2-135m", "store": "store", "prior": {"tau": 1.0},
         "training": {"steps": mode["steps"], "batch_size": mode["batch_size"], "max_length": mode["max_length"],
-                     "lr": 0.003, "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"], "seed": seed},
+                     "lr": 0.003, "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"], "seed": seed,
+                     "sampling": mode["sampling"]},
         "tasks": [{"name": n, "data": {"bbc_news": n, "max_train": k, "validation": 0.1, "test": 0.1}}
                   for n, k in SIZES.items()],
     }
@@ -50,11 +52,22 @@ def tau_label(tau) -> str:
 
 
 def run_sweep(config: Path, grid: list, auto_evaluations: int, progress: bool = False) -> dict:
-    """Train + test-evaluate at every tau of the grid and with tau auto; returns the results mapping."""
+    """Train + test-evaluate at every tau of the grid and with tau auto; returns the results mapping.
+
+    Each finished grid run is kept in <work>/runs/<tau>.json with the registry it ran on (and a hash of the
+    prior, stacked-layer and trainer code), and reused when the sweep is started again on the same registry and
+    code (an interrupted sweep loses at most the run in progress)."""
     ws = Workspace(config)
     root = ws.store
+    code = [Path(__file__).resolve().parents[1] / "models" / f for f in ("bora.py", "stacked.py", "trainer.py", "lora.py")]
+    settings = config.read_text() + "".join(hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in code)
     runs = {}
     for tau in grid:
+        done = root.parent / "runs" / f"{tau_label(tau)}.json"
+        if done.exists() and json.loads(done.read_text()).get("registry") == settings:
+            runs[tau_label(tau)] = json.loads(done.read_text())["run"]
+            print(f"tau={tau_label(tau)}: reusing the finished run in {done}", file=sys.stderr)
+            continue
         ws.store = root.parent / f"store-tau-{tau_label(tau)}"
         t0 = time.perf_counter()
         ws.train(tau=tau, progress=progress, fit_router=False)
@@ -63,6 +76,12 @@ def run_sweep(config: Path, grid: list, auto_evaluations: int, progress: bool = 
                                 "perplexity": {n: r["perplexity"] for n, r in res.items()},
                                 "base_perplexity": {n: r["base_perplexity"] for n, r in res.items()},
                                 "n_train": {n: r["n_train"] for n, r in res.items()}}
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"registry": settings, "run": runs[tau_label(tau)]}, indent=2))
+        if progress:
+            print(f"tau={tau_label(tau)}: " + json.dumps(runs[tau_label(tau)]["perplexity"]), file=sys.stderr)
+    if not auto_evaluations:
+        return {"runs": runs}
     from hub.tau_search import search_tau
 
     ws.store = root.parent / "store-tau-auto"
@@ -184,6 +203,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run (minutes)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--grid", default=None, help="comma-separated taus instead of the mode's grid, e.g. 0,100,shared")
+    ap.add_argument("--no-auto", action="store_true", help="skip tau auto (grid runs only; writes no results file)")
     ap.add_argument("--work", default=".borahub/bora_sweep", help="scratch folder for the runs' stores")
     ap.add_argument("--out", default=None, help="results folder (default docs/results; --quick: the work folder)")
     ap.add_argument("--render", metavar="JSON", help="only re-render the table, doc block and plots of a results file")
@@ -195,13 +217,23 @@ def main() -> None:
         (out_dir / "bora_bbc.md").write_text("# BoRA tau sweep on BBC News\n\n" + table(result) + "\n")
         write_doc_table(result, Path(__file__).resolve().parents[1] / "docs" / "bora.md")
         return
-    mode = QUICK if args.quick else FULL
+    mode = dict(QUICK if args.quick else FULL)
+    if args.grid:
+        mode["grid"] = [t if t == "shared" else float(t) for t in args.grid.split(",")]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out_dir = Path(args.out or (work if args.quick else "docs/results"))
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = run_sweep(bbc_registry(work, mode, args.seed), mode["grid"], mode["auto_evaluations"], progress=True)
+    result = run_sweep(bbc_registry(work, mode, args.seed), mode["grid"],
+                       0 if args.no_auto else mode["auto_evaluations"], progress=True)
+    if args.no_auto:
+        print(json.dumps({k: r["perplexity"] for k, r in result["runs"].items()}, indent=2))
+        return
     import torch
 
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),

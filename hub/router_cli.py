@@ -135,34 +135,22 @@ def cmd_router_fit(args) -> int:
     return 0
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {value!r})")
-    return n
+def _checked(convert, ok, wanted: str):
+    """An argparse type: convert the text, then check it; the error says what was wanted."""
+    def parse(value: str):
+        try:
+            x = convert(value)
+        except ValueError:
+            x = None
+        if x is None or not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {wanted} (got {value!r})")
+        return x
+    return parse
 
 
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = -1.0
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1] (got {value!r})")
-    return x
-
-
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (got {value!r})")
-    return n
+_positive = _checked(int, lambda n: n >= 1, "an integer >= 1")
+_fraction = _checked(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+_count = _checked(int, lambda n: n >= 0, "an integer >= 0")
 
 
 def _routing_args(p: argparse.ArgumentParser) -> None:

@@ -111,10 +111,14 @@ class Workspace:
         batcher = MixedBatcher({i: self.tokens(n, "train") for i, n in enumerate(cfg.task_names) if n in chosen},
                                tcfg.batch_size, tcfg.sampling, tcfg.seed, tok.pad_token_id)
         extras = training_extras(mtm, cfg.tasks, tau, tcfg.lr)  # HiddenKey loss, GMT mask + masked Adam
-        prior = BoraPrior(mtm, tau, sizes, init, loss_terms=extras.loss_terms)
+        prior = BoraPrior(mtm, tau, sizes, init, loss_terms=extras.loss_terms, centred=extras.centred_groups)
         steps = steps or tcfg.steps
         run_id = {"tasks": cfg.task_names, "train": chosen, "tau": tau, "seed": tcfg.seed, "steps": steps,
-                  "batch": tcfg.batch_size, "lr": tcfg.lr, "base": mtm.fingerprint}
+                  "batch": tcfg.batch_size, "lr": tcfg.lr, "base": mtm.fingerprint, "sampling": tcfg.sampling,
+                  "max_length": tcfg.max_length, "grad_accum": tcfg.grad_accum,
+                  "adapters": {t.name: [cfg.adapter_of(t).group_key(),  # a resume must not mix optimiser setups
+                                        t.hiddenkey and t.hiddenkey.model_dump(), t.gmt and t.gmt.model_dump()]
+                               for t in cfg.tasks}}
         hooks = ([freeze_hook(mtm, frozen_ids)] if frozen_ids else []) + extras.grad_hooks
         trainer = Trainer(prior, batcher, steps=steps, lr=tcfg.lr, seed=tcfg.seed, grad_accum=tcfg.grad_accum,
                           checkpoint_every=tcfg.checkpoint_every, checkpoint_dir=store_mod.checkpoint_dir(self.store),
@@ -178,7 +182,7 @@ def freeze_hook(mtm: MultiTaskModel, frozen_ids: list[int]):
     """Zero the gradients of frozen tasks and of every Theta (Adam then leaves them exactly unchanged)."""
     rows = {}
     for i, g in enumerate(mtm.groups):
-        rows[f"theta_{i}"] = [g.task_ids.index(t) for t in frozen_ids if t in g.task_ids]
+        rows[f"theta_{i}"] = rows[f"delta_{i}"] = [g.task_ids.index(t) for t in frozen_ids if t in g.task_ids]
 
     def hook(named_params):
         for name, p in named_params:

@@ -26,11 +26,14 @@ class AdapterType(Protocol):
     def init(self, spec: AdapterSpec, base: nn.Linear, frozen: dict[str, Tensor], gen: torch.Generator) -> dict[str, Tensor]:
         """Initial global parameters Theta; tasks start at Theta plus tiny noise."""
 
-    def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor, frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
-        """Output change for x (N, L, in) with per-row parameters p[name]: (N, K, *shape) blended by w (N, K)."""
+    def add_delta(self, y: Tensor, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen: dict[str, Tensor],
+                  spec: AdapterSpec) -> Tensor:
+        """y (N, L, out) plus the output change for x (N, L, in) with per-row parameters p[name]: (N, K, *shape)
+        blended by w (N, K); w None means K = 1 with weight 1. Fused into y where the kernels allow it."""
 
-    def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
-        """Output change when every row uses the same parameters p[name]: (*shape)."""
+    def add_delta_one(self, y: Tensor, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor],
+                      spec: AdapterSpec) -> Tensor:
+        """y plus the output change when every row uses the same parameters p[name]: (*shape)."""
 
     def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
         """An equivalent PEFT LoRA (A (r, in), B (out, r), lora_alpha) for one task's parameters."""
@@ -48,8 +51,16 @@ def project_in(x: Tensor, A: Tensor) -> Tensor:
     return torch.bmm(x, A.reshape(n, k * r, -1).transpose(1, 2)).view(x.shape[0], x.shape[1], k, r)
 
 
-def project_out(h: Tensor, B: Tensor, w: Tensor) -> Tensor:
-    """h (N, L, K, r) weighted by w (N, K), B (N, K, out, r) -> (N, L, out) summed over K in one matmul."""
+def project_out(y: Tensor, h: Tensor, B: Tensor, w: Tensor | None, scale: float) -> Tensor:
+    """y (N, L, out) + scale * sum_k w_k h_k B_k^T for h (N, L, K, r), B (N, K, out, r), w (N, K) or None (all 1):
+    one batched matmul that accumulates straight into y (no separate scale or add pass over the output)."""
     n, length, k, r = h.shape
-    h = (h * w[:, None, :, None]).reshape(n, length, k * r)
-    return torch.bmm(h, B.transpose(2, 3).reshape(n, k * r, -1))
+    if w is not None:
+        h = h * w[:, None, :, None]
+    h = h.reshape(n, length, k * r)
+    return torch.baddbmm(y.reshape(n, length, -1), h, B.transpose(2, 3).reshape(n, k * r, -1), alpha=scale).view_as(y)
+
+
+def linear_into(y: Tensor, h: Tensor, W: Tensor, scale: float = 1.0) -> Tensor:
+    """y + scale * h W^T for h (..., in), W (out, in), y (..., out) in one addmm."""
+    return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), W.t(), alpha=scale).view_as(y)

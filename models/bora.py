@@ -4,20 +4,32 @@
     theta_{g,t} | Theta_g  ~ Normal(Theta_g, tau^-1/2 I)         inside pyro.plate("tasks_g", T_g)
     data_t | theta_t       : factor  -N_t * mean NLL_t(minibatch)  the LM likelihood scaled to task size
 
-MAP over {theta, Theta} with an AutoDelta guide and a torch optimiser (Pyro's svi_torch pattern).
+MAP over {theta, Theta} with an AutoDelta guide and a torch optimiser (Pyro's svi_torch pattern). The loss is
+the negative log joint at the guide's point, -log p(data, theta, Theta): what Trace_ELBO gives for a point-mass
+guide, without evaluating the Delta guide's (zero) log density over millions of parameters.
+
+For 0 < tau < infinity the model is written non-centred, theta_t = Theta + delta_t with delta_t ~ Normal(0,
+tau^-1/2 I): the same joint density (the change of variables has Jacobian 1, so the same MAP points), but
+Theta now receives every task's data gradient, as the one shared adapter does, and delta_t only what is
+specific to task t, shrunk by the prior. Centred, Theta learns only through the prior's pull, so under Adam
+and a fixed step budget the tied tasks trained slower than one shared adapter (docs/bora.md).
+
 Here tau is a Gaussian precision: the penalty per task is tau/2 * ||theta_t - Theta||^2. The reference code
 uses an unsquared Frobenius norm tau * ||.||, so its tau values are not comparable (docs/bora.md).
 
-  tau = 0        theta_t get a flat prior: independent tasks, no coupling gradient at all;
+  tau = 0        theta_t get a flat prior: independent tasks, no coupling gradient at all (centred);
   tau = shared   (infinity) every task uses Theta itself: one shared adapter.
 """
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
-from pyro.infer import Trace_ELBO
+from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch import Tensor
 
@@ -28,12 +40,50 @@ from .multitask import MultiTaskModel
 pyro.settings.set(module_local_params=True)
 
 
+class IsotropicNormal(TorchDistribution):
+    """Normal(loc, precision^-1/2 I) over the last dimension: the density of Normal(loc, scale).to_event(1)
+    computed in one fused pass, -precision/2 ||x - loc||^2 + d/2 log(precision / 2 pi), with the precision a
+    number. (torch's Normal materialises its scale, variance and log-scale at the full parameter size.)"""
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, loc: Tensor | None, precision: float, batch_shape: torch.Size | tuple = (),
+                 size: int | None = None):
+        """loc (..., D), or None for a zero mean of ``size`` D."""
+        self.loc, self.precision = loc, float(precision)
+        self.size = loc.shape[-1] if loc is not None else int(size)
+        super().__init__(torch.Size(batch_shape), torch.Size([self.size]), validate_args=False)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        diff = value if self.loc is None else value - self.loc
+        return -0.5 * self.precision * diff.pow(2).sum(-1) + 0.5 * self.size * math.log(self.precision / (2 * math.pi))
+
+    def sample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            noise = torch.randn(shape) * self.precision ** -0.5
+            return noise if self.loc is None else self.loc + noise.to(self.loc)
+
+    def expand(self, batch_shape, _instance=None):
+        return IsotropicNormal(self.loc, self.precision, batch_shape, self.size)
+
+
+def task_site(i: int, tau, centred: bool = False) -> str:
+    """Name of group i's per-task sample site: the offsets delta (0 < tau < infinity), or theta itself (tau 0,
+    or a group kept centred)."""
+    return f"theta_{i}" if tau == 0 or centred else f"delta_{i}"
+
+
 class BoraPrior:
     """The Pyro model + MAP guide over every group's (theta, Theta)."""
 
     def __init__(self, mtm: MultiTaskModel, tau: float | str, sizes: Tensor,
-                 init: dict[str, tuple[Tensor, Tensor]], loss_terms=None):
+                 init: dict[str, tuple[Tensor, Tensor]], loss_terms=None, centred: set[int] | None = None):
+        """centred: indices of groups to write centred (theta_t sampled around Theta) although 0 < tau < inf."""
         self.mtm, self.tau = mtm, tau
+        self.centred = {i for i in range(len(mtm.groups)) if tau == 0 or (centred and i in centred)}
         self.sizes = sizes.float()  # training documents per task (global id order)
         self.loss_terms = loss_terms  # optional callable(batch) -> (nll_sum, ntok, extra_loss_per_row)
         self.last_nll = float("nan")  # mean token NLL of the last batch, for progress bars
@@ -46,9 +96,8 @@ class BoraPrior:
             theta, Theta = init[g.key]
             values[f"Theta_{i}"] = Theta
             if tau != "shared":
-                values[f"theta_{i}"] = theta
+                values[task_site(i, tau, i in self.centred)] = theta if i in self.centred else theta - Theta
         self.guide = AutoDelta(self.model, init_loc_fn=init_to_value(values=values))
-        self.elbo = Trace_ELBO()
 
     def model(self, batch: dict[str, Tensor]) -> None:
         for i, g in enumerate(self.mtm.groups):
@@ -59,9 +108,13 @@ class BoraPrior:
             with pyro.plate(f"tasks_{i}", g.n_tasks):
                 if self.tau == 0:
                     theta = pyro.sample(f"theta_{i}", dist.ImproperUniform(constraints.real, (g.n_tasks,), (g.dim,)))
-                else:
-                    theta = pyro.sample(f"theta_{i}", dist.Normal(Theta, float(self.tau) ** -0.5).to_event(1))
-            g.flat = torch.cat([theta, Theta[None]])
+                    g.flat = torch.cat([theta, Theta[None]])
+                elif i in self.centred:
+                    theta = pyro.sample(f"theta_{i}", IsotropicNormal(Theta, float(self.tau), (g.n_tasks,)))
+                    g.flat = torch.cat([theta, Theta[None]])
+                else:  # theta_t = Theta + delta_t, delta_t ~ Normal(0, tau^-1/2 I): theta_t ~ Normal(Theta, tau^-1/2 I)
+                    delta = pyro.sample(f"delta_{i}", IsotropicNormal(None, float(self.tau), (g.n_tasks,), g.dim))
+                    g.flat = torch.cat([delta, delta.new_zeros(1, g.dim)]) + Theta
         if self.loss_terms is not None:
             nll, ntok, extra = self.loss_terms(batch)
         else:
@@ -78,8 +131,10 @@ class BoraPrior:
         return self.guide.parameters()
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """Negative log joint (prior + scaled likelihood) at the current MAP point."""
-        return self.elbo.differentiable_loss(self.model, self.guide, batch)
+        """Negative log joint (prior + scaled likelihood) at the current MAP point: the model conditioned on
+        the guide's point values, traced, summed."""
+        point = self.guide(batch)
+        return -poutine.trace(poutine.condition(self.model, data=point)).get_trace(batch).log_prob_sum()
 
     def values(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Current per-group (theta, Theta); for tau=shared, theta_t = Theta; for tau=0, Theta is set to
@@ -88,9 +143,14 @@ class BoraPrior:
         out = {}
         for i, g in enumerate(self.mtm.groups):
             Theta = med[f"Theta_{i}"]
-            theta = Theta.expand(g.n_tasks, -1).clone() if self.tau == "shared" else med[f"theta_{i}"].clone()
-            if self.tau == 0:
-                Theta = theta.mean(0)
+            if self.tau == "shared":
+                theta = Theta.expand(g.n_tasks, -1).clone()
+            elif i in self.centred:
+                theta = med[f"theta_{i}"].clone()
+                if self.tau == 0:
+                    Theta = theta.mean(0)
+            else:
+                theta = Theta + med[f"delta_{i}"]
             out[g.key] = (theta, Theta.clone())
         return out
 

@@ -7,8 +7,9 @@ rest. Here a "tensor" is one module parameter (e.g. LoRA A of one q_proj) of one
 flat vector, so every adapter type is masked the same way, and only the rows of tasks with ``gmt:`` are
 touched. A slice of n entries keeps exactly max(1, round(keep_ratio * n)) of them.
 
-Theta: under a finite tau its gradient is only the prior's pull tau * sum_t (Theta - theta_t), not a data
-gradient, so it is not masked. Under tau = shared, Theta is the one adapter every task trains, and it is
+A group with GMT tasks stays centred (models/bora.py), so a task's update is exactly its masked theta_t update;
+Theta's gradient there is only the prior's pull tau * sum_t (Theta - theta_t), not a data gradient, and it is
+not masked. Under tau = shared, Theta is the one adapter every task trains, and it is
 masked like a task slice with the largest keep_ratio of its group's GMT tasks (no task keeps less than it
 asked for).
 
@@ -40,6 +41,7 @@ class GradientMask:
     def __init__(self, mtm: MultiTaskModel, keep: list[float | None], tau):
         # guide site -> ([(keep_ratio, slot rows)], slice blocks (see _blocks), D)
         self.plan: dict[str, tuple[list[tuple[float, Tensor]], list[tuple[int, Tensor]], int]] = {}
+        self.groups: list[int] = []  # indices of the groups with GMT tasks
         for i, g in enumerate(mtm.groups):
             rows: dict[float, list[int]] = {}
             for slot, tid in enumerate(g.task_ids):
@@ -47,6 +49,7 @@ class GradientMask:
                     rows.setdefault(keep[tid], []).append(slot)
             if not rows:
                 continue
+            self.groups.append(i)
             if tau == "shared":
                 self.plan[f"Theta_{i}"] = ([(max(rows), torch.tensor([0]))], _blocks(g), g.dim)
             else:

@@ -80,6 +80,7 @@ class TrainingExtras:
     loss_terms: Callable | None = None
     grad_hooks: list[Callable] = field(default_factory=list)
     optimizer_factory: Callable | None = None
+    centred_groups: set[int] = field(default_factory=set)  # groups BoraPrior must keep centred (GMT)
 
 
 def training_extras(mtm: MultiTaskModel, tasks: list[TaskSpec], tau, lr: float) -> TrainingExtras:
@@ -89,6 +90,7 @@ def training_extras(mtm: MultiTaskModel, tasks: list[TaskSpec], tau, lr: float) 
         extras.loss_terms = HiddenKeyLoss(mtm, tasks)
     if any(t.gmt is not None for t in tasks):
         mask = GradientMask(mtm, [t.gmt.keep_ratio if t.gmt else None for t in tasks], tau)
+        extras.centred_groups = set(mask.groups)  # GMT masks theta_t's own update: keep those groups centred
         extras.grad_hooks.append(mask)
         extras.optimizer_factory = lambda params: mask.optimizer(params, lr)
     return extras

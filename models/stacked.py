@@ -109,7 +109,7 @@ class Group(nn.Module):
 @dataclass
 class GroupRouting:
     slots: Tensor  # (N, K) slot per row and choice
-    weights: Tensor  # (N, K), zero where the choice is not in this group
+    weights: Tensor | None  # (N, K), zero where the choice is not in this group; None: K = 1, every weight 1
     uniform: int | None  # the single slot every row uses with weight 1, if so (fast path)
 
 
@@ -146,10 +146,9 @@ class AdapterStack(nn.Module):
             slots = slots.clamp(min=0).to(device)
             r = None
             if bool(w.ne(0).any()):
-                uniform = None
-                if slots.shape[1] == 1 and bool((slots == slots[0, 0]).all()) and bool((w == 1).all()):
-                    uniform = int(slots[0, 0])
-                r = GroupRouting(slots, w.to(g.flat.dtype), uniform)
+                ones = slots.shape[1] == 1 and bool((w == 1).all())
+                uniform = int(slots[0, 0]) if ones and bool((slots == slots[0, 0]).all()) else None
+                r = GroupRouting(slots, None if ones else w.to(g.flat.dtype), uniform)
             self._cache[g.key] = r
         return self._cache[g.key]
 
@@ -183,12 +182,13 @@ class StackedLinear(nn.Module):
             p = g.params(self.name)
             frozen = g.frozen[self.name]
             if r.uniform is not None:
-                d = g.atype.delta_one(x, {k: v[r.uniform] for k, v in p.items()}, frozen, g.spec)
+                y = g.atype.add_delta_one(y, x, {k: v[r.uniform] for k, v in p.items()}, frozen, g.spec)
             else:
                 x3 = x if x.dim() == 3 else x.unsqueeze(1)
-                d = g.atype.delta(x3, {k: v[r.slots] for k, v in p.items()}, r.weights, frozen, g.spec)
-                d = d.view_as(y)
-            y = y + d
+                y3 = y if y.dim() == 3 else y.unsqueeze(1)
+                n, k = r.slots.shape
+                rows = {name: v.index_select(0, r.slots.reshape(-1)).view(n, k, *v.shape[1:]) for name, v in p.items()}
+                y = g.atype.add_delta(y3, x3, rows, r.weights, frozen, g.spec).view_as(y)
         return y
 
 

@@ -40,6 +40,12 @@ class AdapterSpec(Strict):
             raise ValueError(f"unknown adapter type {v!r} (known: {', '.join(sorted(known))})")
         return v
 
+    @model_validator(mode="after")
+    def _energy_is_svfit_only(self) -> "AdapterSpec":
+        if self.energy is not None and self.type != "svfit":
+            raise ValueError(f"energy applies to adapter type 'svfit' only, not {self.type!r}")
+        return self
+
     def group_key(self) -> str:
         """Stable name of the adapter group this spec belongs to."""
         extra = f"-e{self.energy:g}" if self.energy else ""

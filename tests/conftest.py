@@ -90,3 +90,12 @@ def tiny_hub(tiny_registry) -> Path:
 
     Workspace(tiny_registry).train(progress=False)
     return tiny_registry
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores idle pool threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

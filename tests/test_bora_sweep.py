@@ -47,3 +47,16 @@ def test_tau_auto_in_the_registry_picks_and_records_a_tau(tiny_registry):
     assert state["tau"] == search["chosen_tau"] and 0.1 <= state["tau"] <= 1e5
     assert len(search["tried"]) == 2
     assert not any(p.name.startswith(".tau-search") for p in ws.store.parent.iterdir())
+
+
+def test_an_interrupted_sweep_reuses_finished_runs(tiny_registry, capsys):
+    first = bora_sweep.run_sweep(tiny_registry, [0, "shared"], auto_evaluations=0)
+    assert set(first) == {"runs"}
+    again = bora_sweep.run_sweep(tiny_registry, [0, "shared", 10], auto_evaluations=0)
+    assert again["runs"]["0"] == first["runs"]["0"] and again["runs"]["shared"] == first["runs"]["shared"]
+    assert capsys.readouterr().err.count("reusing the finished run") == 2
+    cfg = yaml.safe_load(tiny_registry.read_text())
+    cfg["training"]["seed"] = 7  # another registry: nothing is reused
+    tiny_registry.write_text(yaml.safe_dump(cfg))
+    bora_sweep.run_sweep(tiny_registry, [0], auto_evaluations=0)
+    assert "reusing" not in capsys.readouterr().err

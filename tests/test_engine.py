@@ -19,14 +19,7 @@ PROMPTS = {  # one prompt per task, of different lengths (so left padding matter
 OOD = "z z z z z z z z z z z z"  # single letters: in the vocabulary, unlike every task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores idle pool threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, tiny_model_dir) -> Engine:

@@ -25,8 +25,8 @@ def batcher(n_tasks: int) -> MixedBatcher:
 def trainer(keep: list[float | None], tau=10.0, record: list | None = None, **kw) -> tuple[Trainer, GradientMask]:
     """A Trainer over a tiny model whose tasks use GMT with ``keep`` ratios; ``record`` gets raw grads."""
     mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [(f"t{i}", SPEC) for i in range(len(keep))])
-    prior = BoraPrior(mtm, tau, torch.full((len(keep),), 6.0), mtm.init_params(0))
     mask = GradientMask(mtm, keep, tau)
+    prior = BoraPrior(mtm, tau, torch.full((len(keep),), 6.0), mtm.init_params(0), centred=set(mask.groups))
 
     def capture(named_params):
         record.append({site(n): p.grad.clone() for n, p in named_params})

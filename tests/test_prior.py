@@ -48,11 +48,16 @@ def test_tau_zero_leaves_tasks_uncoupled():
 def test_positive_tau_couples_tasks_through_theta():
     _, prior = setup(100.0)
     g = grads(prior, only_task0_batch())
-    theta = g["theta_0_unconstrained"]
-    assert theta[1:].abs().sum() > 0  # the prior pulls the data-less tasks towards Theta
+    delta = g["delta_0_unconstrained"]  # non-centred: theta_t = Theta + delta_t
+    assert delta[1:].abs().sum() > 0  # the prior pulls the data-less tasks towards Theta
     values = prior.values()[prior.mtm.groups[0].key]
     expected = 100.0 * (values[0][1:] - values[1])  # d/dtheta of tau/2 ||theta - Theta||^2
-    assert torch.allclose(theta[1:], expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(delta[1:], expected, rtol=1e-4, atol=1e-6)
+    # Theta gets the data gradient of task 0 (what a shared adapter would get); the prior's pull on Theta
+    # cancels in this parameterisation
+    assert g["Theta_0_unconstrained"].abs().sum() > 0
+    torch.testing.assert_close(g["Theta_0_unconstrained"], delta[0] - 100.0 * (values[0][0] - values[1]),
+                               rtol=1e-4, atol=1e-6)
 
 
 def spread_after_training(tau, steps=60, lr=1e-5):
@@ -85,3 +90,39 @@ def test_shared_tau_is_one_adapter():
     theta, Theta = prior.values()[mtm.groups[0].key]
     assert torch.equal(theta, Theta.expand_as(theta))
     assert [n.split(".")[-1] for n, _ in prior.guide.named_parameters()] == ["Theta_0_unconstrained"]
+
+
+def test_isotropic_normal_is_the_papers_normal_prior():
+    """The fused prior density equals Normal(Theta, tau^-1/2).to_event(1), value and gradient, inside a plate."""
+    import pyro.distributions as dist
+
+    from models.bora import IsotropicNormal
+
+    gen = torch.Generator().manual_seed(0)
+    Theta = torch.randn(50, generator=gen, requires_grad=True)
+    theta = torch.randn(3, 50, generator=gen, requires_grad=True)
+    tau = 37.0
+    ours = IsotropicNormal(Theta, tau, (3,)).log_prob(theta)
+    ref = dist.Normal(Theta, tau ** -0.5).to_event(1).log_prob(theta)
+    torch.testing.assert_close(ours, ref)
+    g1 = torch.autograd.grad(ours.sum(), [theta, Theta])
+    g2 = torch.autograd.grad(ref.sum(), [theta, Theta])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    assert IsotropicNormal(Theta, tau, (3,)).sample().shape == (3, 50)
+
+
+def test_loss_is_the_negative_log_joint():
+    """prior.loss = -(scaled LM log likelihood + sum_t log N(theta_t | Theta, 1/tau)) at the current point."""
+    import pyro.distributions as dist
+
+    mtm, prior = setup(5.0)
+    batch = only_task0_batch()
+    loss = prior.loss(batch)
+    (g,) = mtm.groups
+    (theta, Theta) = prior.values()[g.key]
+    g.flat = torch.cat([theta, Theta[None]])
+    nll, ntok = mtm.row_nll(batch)
+    lm = (10.0 / 4 * nll / ntok).sum()  # task 0 has 10 documents and all 4 rows
+    log_prior = dist.Normal(Theta, 5.0 ** -0.5).to_event(1).log_prob(theta).sum()
+    torch.testing.assert_close(loss.detach(), (lm - log_prior).detach(), rtol=1e-5, atol=1e-3)

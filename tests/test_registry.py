@@ -38,6 +38,8 @@ CASES = {
                           "tasks[0](cooking).data.path: data file not found: nope.jsonl"),
     "bad tau": (lambda c: c["prior"].__setitem__("tau", -3), "prior.tau: must be a number >= 0, 'shared' or 'auto'"),
     "unknown key": (lambda c: c.__setitem__("bogus", 1), "bogus: unknown key"),
+    "energy on lora": (lambda c: c["tasks"][1].__setitem__("adapter", {"type": "lora", "energy": 0.9}),
+                       "tasks[1](finance).adapter: energy applies to adapter type 'svfit' only"),
 }
 
 

@@ -13,14 +13,7 @@ from hub.cli import main
 from hub.workspace import Workspace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores idle pool threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def hub_cfg(tmp_path_factory, tiny_model_dir):

@@ -148,9 +148,11 @@ def test_blending_is_in_output_space(type_):
     p, frozen = g.params(m), g.frozen[m]
     x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(3))
     slots, w = torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]])
-    blended = g.atype.delta(x, {k: v[slots] for k, v in p.items()}, w, frozen, g.spec)
+    zero = torch.zeros(2, 5, mtm.lm.get_submodule(m).out_features)
+    blended = g.atype.add_delta(zero, x, {k: v[slots] for k, v in p.items()}, w, frozen, g.spec)
     for n in range(2):
-        parts = [g.atype.delta_one(x[n], {k: v[slots[n, j]] for k, v in p.items()}, frozen, g.spec) for j in range(2)]
+        parts = [g.atype.add_delta_one(zero[n], x[n], {k: v[slots[n, j]] for k, v in p.items()}, frozen, g.spec)
+                 for j in range(2)]
         torch.testing.assert_close(blended[n], w[n, 0] * parts[0] + w[n, 1] * parts[1], atol=1e-5, rtol=1e-5)
     assert (blended[0] - blended[1]).abs().max() > 1e-3
 
@@ -203,7 +205,7 @@ def test_hiddenkey_loss_gives_finite_gradients_through_the_prior():
     prior.loss(lm_batch([0, 1, 1])).backward()
     grads = {n.split(".")[-1]: p.grad for n, p in prior.guide.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    assert grads["theta_0_unconstrained"][1].abs().sum() > 0
+    assert grads["delta_0_unconstrained"][1].abs().sum() > 0
 
 
 def test_hiddenkey_on_a_model_without_mlp_modules_is_a_config_error():
