@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hub.workspace import Workspace  # noqa: E402
 
 SIZES = {"sports": 25, "politics": 50, "tech": 100, "entertainment": 200, "business": 400}
-FULL = {"grid": [0, 10, 100, 1000, 10000, "shared"], "steps": 60, "batch_size": 8, "max_length": 64,
+FULL = {"grid": [0, 100, 1000, 10000, 100000, "shared"], "steps": 60, "batch_size": 8, "max_length": 64,
         "eval_docs": 40, "sampling": "balanced", "auto_evaluations": 4}
 QUICK = {"grid": [0, 100, "shared"], "steps": 6, "batch_size": 4, "max_length": 32, "eval_docs": 6,
          "sampling": "balanced", "auto_evaluations": 3}
