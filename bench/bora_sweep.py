@@ -64,8 +64,9 @@ def run_sweep(config: Path, grid: list, auto_evaluations: int, progress: bool = 
     runs = {}
     for tau in grid:
         done = root.parent / "runs" / f"{tau_label(tau)}.json"
-        if done.exists() and json.loads(done.read_text()).get("registry") == settings:
-            runs[tau_label(tau)] = json.loads(done.read_text())["run"]
+        kept = json.loads(done.read_text()) if done.exists() else {}
+        if kept.get("registry") == settings:
+            runs[tau_label(tau)] = kept["run"]
             print(f"tau={tau_label(tau)}: reusing the finished run in {done}", file=sys.stderr)
             continue
         ws.store = root.parent / f"store-tau-{tau_label(tau)}"

@@ -119,7 +119,7 @@ class Workspace:
                   "adapters": {t.name: [cfg.adapter_of(t).group_key(),  # a resume must not mix optimiser setups
                                         t.hiddenkey and t.hiddenkey.model_dump(), t.gmt and t.gmt.model_dump()]
                                for t in cfg.tasks}}
-        hooks = ([freeze_hook(mtm, frozen_ids)] if frozen_ids else []) + extras.grad_hooks
+        hooks = ([freeze_hook(prior, frozen_ids)] if frozen_ids else []) + extras.grad_hooks
         trainer = Trainer(prior, batcher, steps=steps, lr=tcfg.lr, seed=tcfg.seed, grad_accum=tcfg.grad_accum,
                           checkpoint_every=tcfg.checkpoint_every, checkpoint_dir=store_mod.checkpoint_dir(self.store),
                           run_id=run_id, grad_hooks=hooks, optimizer_factory=extras.optimizer_factory)
@@ -178,11 +178,10 @@ def _warm_start(mtm: MultiTaskModel, stored: dict, init: dict) -> dict:
     return out
 
 
-def freeze_hook(mtm: MultiTaskModel, frozen_ids: list[int]):
+def freeze_hook(prior: BoraPrior, frozen_ids: list[int]):
     """Zero the gradients of frozen tasks and of every Theta (Adam then leaves them exactly unchanged)."""
-    rows = {}
-    for i, g in enumerate(mtm.groups):
-        rows[f"theta_{i}"] = rows[f"delta_{i}"] = [g.task_ids.index(t) for t in frozen_ids if t in g.task_ids]
+    rows = {prior.task_site(i): [g.task_ids.index(t) for t in frozen_ids if t in g.task_ids]
+            for i, g in enumerate(prior.mtm.groups)}
 
     def hook(named_params):
         for name, p in named_params:

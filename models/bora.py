@@ -70,12 +70,6 @@ class IsotropicNormal(TorchDistribution):
         return IsotropicNormal(self.loc, self.precision, batch_shape, self.size)
 
 
-def task_site(i: int, tau, centred: bool = False) -> str:
-    """Name of group i's per-task sample site: the offsets delta (0 < tau < infinity), or theta itself (tau 0,
-    or a group kept centred)."""
-    return f"theta_{i}" if tau == 0 or centred else f"delta_{i}"
-
-
 class BoraPrior:
     """The Pyro model + MAP guide over every group's (theta, Theta)."""
 
@@ -96,8 +90,13 @@ class BoraPrior:
             theta, Theta = init[g.key]
             values[f"Theta_{i}"] = Theta
             if tau != "shared":
-                values[task_site(i, tau, i in self.centred)] = theta if i in self.centred else theta - Theta
+                values[self.task_site(i)] = theta if i in self.centred else theta - Theta
         self.guide = AutoDelta(self.model, init_loc_fn=init_to_value(values=values))
+
+    def task_site(self, i: int) -> str:
+        """Name of group i's per-task sample site: theta itself (centred groups, every group at tau 0) or the
+        offsets delta (non-centred). Not meaningful under tau = shared, which has no per-task site."""
+        return f"theta_{i}" if i in self.centred else f"delta_{i}"
 
     def model(self, batch: dict[str, Tensor]) -> None:
         for i, g in enumerate(self.mtm.groups):
@@ -107,13 +106,13 @@ class BoraPrior:
                 continue
             with pyro.plate(f"tasks_{i}", g.n_tasks):
                 if self.tau == 0:
-                    theta = pyro.sample(f"theta_{i}", dist.ImproperUniform(constraints.real, (g.n_tasks,), (g.dim,)))
+                    theta = pyro.sample(self.task_site(i), dist.ImproperUniform(constraints.real, (g.n_tasks,), (g.dim,)))
                     g.flat = torch.cat([theta, Theta[None]])
                 elif i in self.centred:
-                    theta = pyro.sample(f"theta_{i}", IsotropicNormal(Theta, float(self.tau), (g.n_tasks,)))
+                    theta = pyro.sample(self.task_site(i), IsotropicNormal(Theta, float(self.tau), (g.n_tasks,)))
                     g.flat = torch.cat([theta, Theta[None]])
                 else:  # theta_t = Theta + delta_t, delta_t ~ Normal(0, tau^-1/2 I): theta_t ~ Normal(Theta, tau^-1/2 I)
-                    delta = pyro.sample(f"delta_{i}", IsotropicNormal(None, float(self.tau), (g.n_tasks,), g.dim))
+                    delta = pyro.sample(self.task_site(i), IsotropicNormal(None, float(self.tau), (g.n_tasks,), g.dim))
                     g.flat = torch.cat([delta, delta.new_zeros(1, g.dim)]) + Theta
         if self.loss_terms is not None:
             nll, ntok, extra = self.loss_terms(batch)
@@ -146,11 +145,11 @@ class BoraPrior:
             if self.tau == "shared":
                 theta = Theta.expand(g.n_tasks, -1).clone()
             elif i in self.centred:
-                theta = med[f"theta_{i}"].clone()
+                theta = med[self.task_site(i)].clone()
                 if self.tau == 0:
                     Theta = theta.mean(0)
             else:
-                theta = Theta + med[f"delta_{i}"]
+                theta = Theta + med[self.task_site(i)]
             out[g.key] = (theta, Theta.clone())
         return out
 
