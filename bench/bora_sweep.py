@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hub.workspace import Workspace  # noqa: E402
 
 SIZES = {"sports": 25, "politics": 50, "tech": 100, "entertainment": 200, "business": 400}
-FULL = {"grid": [0, 100, 1000, 10000, 100000, "shared"], "steps": 60, "batch_size": 8, "max_length": 64,
+FULL = {"grid": [0, 0.1, 1, 10, 100, 1000, "shared"], "steps": 60, "batch_size": 8, "max_length": 64,
         "eval_docs": 40, "sampling": "balanced", "auto_evaluations": 4}
-QUICK = {"grid": [0, 100, "shared"], "steps": 6, "batch_size": 4, "max_length": 32, "eval_docs": 6,
+QUICK = {"grid": [0, 1, "shared"], "steps": 6, "batch_size": 4, "max_length": 32, "eval_docs": 6,
          "sampling": "balanced", "auto_evaluations": 3}
 
 
@@ -37,7 +37,7 @@ def bbc_registry(work: Path, mode: dict, seed: int) -> Path:
     cfg = {
         "base_model": "smollm2-135m", "store": "store", "prior": {"tau": 1.0},
         "training": {"steps": mode["steps"], "batch_size": mode["batch_size"], "max_length": mode["max_length"],
-                     "lr": 0.003, "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"], "seed": seed,
+                     "lr": 0.003, "lr_schedule": "cosine", "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"], "seed": seed,
                      "sampling": mode["sampling"]},
         "tasks": [{"name": n, "data": {"bbc_news": n, "max_train": k, "validation": 0.1, "test": 0.1}}
                   for n, k in SIZES.items()],
@@ -207,7 +207,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--grid", default=None, help="comma-separated taus instead of the mode's grid, e.g. 0,100,shared")
     ap.add_argument("--no-auto", action="store_true", help="skip tau auto (grid runs only; writes no results file)")
-    ap.add_argument("--work", default=".borahub/bora_sweep", help="scratch folder for the runs' stores")
+    ap.add_argument("--work", default=None,
+                    help="scratch folder for the runs' stores (default .borahub/bora_sweep, --quick: .borahub/bora_sweep-quick)")
     ap.add_argument("--out", default=None, help="results folder (default docs/results; --quick: the work folder)")
     ap.add_argument("--render", metavar="JSON", help="only re-render the table, doc block and plots of a results file")
     args = ap.parse_args()
@@ -225,7 +226,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    work = Path(args.work)
+    work = Path(args.work or (".borahub/bora_sweep-quick" if args.quick else ".borahub/bora_sweep"))
     work.mkdir(parents=True, exist_ok=True)
     out_dir = Path(args.out or (work if args.quick else "docs/results"))
     out_dir.mkdir(parents=True, exist_ok=True)

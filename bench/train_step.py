@@ -60,16 +60,17 @@ def borahub_steps(name: str, spec: AdapterSpec, batch: dict):
         opt.step()
 
     g = mtm.groups[0]
-    theta, Theta = (torch.nn.Parameter(t.clone()) for t in init[g.key])
-    opt2 = torch.optim.Adam([theta, Theta], lr=1e-3)
+    theta0, Theta0 = init[g.key]
+    delta, Theta = torch.nn.Parameter(theta0 - Theta0), torch.nn.Parameter(Theta0.clone())
+    opt2 = torch.optim.Adam([delta, Theta], lr=1e-3)
 
-    def torch_step():
+    def torch_step():  # the same non-centred model as BoraPrior at 0 < tau < inf, written by hand
         opt2.zero_grad()
-        g.flat = torch.cat([theta, Theta[None]])
+        g.flat = torch.cat([delta, delta.new_zeros(1, g.dim)]) + Theta
         nll, ntok = mtm.row_nll(batch)
         t = batch["task_ids"]
         scale = sizes[t] / torch.bincount(t, minlength=TASKS)[t]
-        loss = (scale * nll / ntok).sum() + plain_penalty(theta, Theta, 1000.0)
+        loss = (scale * nll / ntok).sum() + plain_penalty(delta, 1000.0)
         loss.backward()
         opt2.step()
 

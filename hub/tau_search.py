@@ -4,8 +4,9 @@ MAP over tau jointly with the adapters collapses (tau -> infinity, every theta_t
 by held-out evidence instead: a golden-section search over log10(tau) in [LOG_LO, LOG_HI] that minimises
 the mean validation perplexity. The first candidate trains from scratch with the full step budget; every
 later one warm-starts from the nearest candidate already trained and trains half as long (continuation:
-the MAP point moves smoothly with tau). The best candidate's store becomes the hub's store, and the search
-history is recorded in hub.json under metrics.tau_search.
+the MAP point moves smoothly with tau). The chosen tau is then trained once more from scratch with the full
+budget (unless the chosen candidate already was), so the hub's adapters are exactly what a run with that tau
+written in tasks.yaml gives; the search history is recorded in hub.json under metrics.tau_search.
 """
 from __future__ import annotations
 
@@ -20,14 +21,18 @@ from tasks.registry import ConfigError, atomic_write_text
 
 from . import store as store_mod
 
-LOG_LO, LOG_HI = -1.0, 5.0  # tau from 0.1 (nearly independent tasks) to 1e5 (nearly one shared adapter)
+# tau from 0.01 (nearly independent tasks) to 1e4: on SmolLM2 + BBC News, at tau = 1e4 the offsets theta_t - Theta
+# are ~0.2% of Theta's size (docs/bora.md), i.e. already one shared adapter
+LOG_LO, LOG_HI = -2.0, 4.0
 EVALUATIONS = 5  # golden-section steps: the bracket shrinks to 0.618^3 of its width after 5 evaluations
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, fit_router: bool = True,
-               evaluations: int = EVALUATIONS, log_range: tuple[float, float] = (LOG_LO, LOG_HI)):
-    """Train at the tau with the best mean validation perplexity; returns that run's TrainReport."""
+               evaluations: int = EVALUATIONS, log_range: tuple[float, float] = (LOG_LO, LOG_HI),
+               refit: bool = True):
+    """Train at the tau with the best mean validation perplexity; returns that run's TrainReport.
+    refit: retrain the chosen tau from scratch with the full budget when its candidate was warm-started."""
     if names:
         raise ConfigError(["--tasks: tau 'auto' searches tau for the whole hub; give a number to train a subset"],
                           ws.config_path)
@@ -69,6 +74,12 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
                 fd = evaluate(d)
         best = min(tried, key=lambda t: tried[t]["val_perplexity"])
         chosen = tried[best]
+        if refit and chosen["warm_start_from"] is not None:
+            ws.store = work / "refit"
+            if progress:
+                print(f"tau search: chose tau={chosen['tau']:.4g}; training it from scratch ({steps} steps)")
+            report = ws.train(tau=chosen["tau"], steps=steps, progress=progress, fit_router=False)
+            chosen = {**chosen, "store": ws.store, "report": report}
         old = final_store.parent / f".{final_store.name}.old"
         if final_store.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -79,6 +90,7 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
         state["metrics"]["tau_search"] = {
             "method": "golden-section over log10(tau) on mean validation perplexity, warm starts",
             "chosen_tau": chosen["tau"],
+            "refit_from_scratch": bool(refit and chosen["warm_start_from"] is not None),
             "tried": [{k: v for k, v in tried[t].items() if k not in ("store", "report")} for t in sorted(tried)],
         }
         atomic_write_text(final_store / store_mod.HUB_FILE, json.dumps(state, indent=2))

@@ -114,13 +114,15 @@ class Workspace:
         prior = BoraPrior(mtm, tau, sizes, init, loss_terms=extras.loss_terms, centred=extras.centred_groups)
         steps = steps or tcfg.steps
         run_id = {"tasks": cfg.task_names, "train": chosen, "tau": tau, "seed": tcfg.seed, "steps": steps,
-                  "batch": tcfg.batch_size, "lr": tcfg.lr, "base": mtm.fingerprint, "sampling": tcfg.sampling,
+                  "batch": tcfg.batch_size, "lr": tcfg.lr,
+                  "lr_schedule": tcfg.lr_schedule, "base": mtm.fingerprint, "sampling": tcfg.sampling,
                   "max_length": tcfg.max_length, "grad_accum": tcfg.grad_accum,
                   "adapters": {t.name: [cfg.adapter_of(t).group_key(),  # a resume must not mix optimiser setups
                                         t.hiddenkey and t.hiddenkey.model_dump(), t.gmt and t.gmt.model_dump()]
                                for t in cfg.tasks}}
         hooks = ([freeze_hook(prior, frozen_ids)] if frozen_ids else []) + extras.grad_hooks
-        trainer = Trainer(prior, batcher, steps=steps, lr=tcfg.lr, seed=tcfg.seed, grad_accum=tcfg.grad_accum,
+        trainer = Trainer(prior, batcher, steps=steps, lr=tcfg.lr, lr_schedule=tcfg.lr_schedule, seed=tcfg.seed,
+                          grad_accum=tcfg.grad_accum,
                           checkpoint_every=tcfg.checkpoint_every, checkpoint_dir=store_mod.checkpoint_dir(self.store),
                           run_id=run_id, grad_hooks=hooks, optimizer_factory=extras.optimizer_factory)
         report = trainer.fit(resume=resume, progress=progress)

@@ -154,6 +154,7 @@ class BoraPrior:
         return out
 
 
-def plain_penalty(theta: Tensor, Theta: Tensor, tau: float) -> Tensor:
-    """The same prior written in plain torch (for the overhead benchmark): tau/2 * sum ||theta_t - Theta||^2."""
-    return 0.5 * tau * (theta - Theta).pow(2).sum()
+def plain_penalty(delta: Tensor, tau: float) -> Tensor:
+    """The non-centred prior written in plain torch (for the overhead benchmark): tau/2 * sum_t ||delta_t||^2,
+    delta_t = theta_t - Theta (the constant log-normaliser left out)."""
+    return 0.5 * tau * delta.pow(2).sum()

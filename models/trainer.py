@@ -7,6 +7,7 @@ uninterrupted run on the same machine.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -58,14 +59,20 @@ class Trainer:
 
     grad_hooks: callables run on the accumulated gradients before each optimiser step (GMT masking,
     freezing tasks for a cold start); each takes the list of (name, parameter).
+    lr_schedule: "constant", or "cosine" (lr * (1 + cos(pi * step / steps)) / 2); the rate is a function of
+    the step alone, so a resumed run takes the same steps as an uninterrupted one.
     """
 
     def __init__(self, prior: BoraPrior, batcher, *, steps: int, lr: float, seed: int, grad_accum: int = 1,
+                 lr_schedule: str = "constant",
                  checkpoint_every: int = 20, checkpoint_dir: str | Path | None = None, run_id: dict | None = None,
                  device: torch.device | None = None, grad_hooks: list[Callable] | None = None,
                  optimizer_factory: Callable | None = None):
         self.prior, self.batcher = prior, batcher
         self.steps, self.seed, self.grad_accum = steps, seed, grad_accum
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
+        self.lr, self.lr_schedule = lr, lr_schedule
         self.checkpoint_every = checkpoint_every
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
         self.run_id = json.dumps(run_id or {}, sort_keys=True)
@@ -118,6 +125,11 @@ class Trainer:
         return True
 
     # -- training ----------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        return self.lr
+
     def train_step(self) -> float:
         """One optimiser step over ``grad_accum`` micro-batches; returns the mean token NLL."""
         torch.manual_seed(self.seed * 1_000_003 + self.step)  # dropout-style randomness is per step
@@ -130,6 +142,8 @@ class Trainer:
             tokens += self.prior.last_tokens
         for hook in self.grad_hooks:
             hook(self.named_params)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
         self.optimizer.step()
         self.step += 1
         self._tokens = tokens

@@ -160,6 +160,7 @@ class TrainingSpec(Strict):
     batch_size: int = Field(8, ge=1)  # rows per step; one batch mixes tasks
     max_length: int = Field(96, ge=8)  # tokens per example (documents are truncated)
     lr: float = Field(3e-3, gt=0)  # Adam; LoRA-sized parameters like larger rates than full tuning
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: lr decays to 0 over the run's steps
     sampling: Literal["proportional", "balanced"] = "proportional"  # rows per task ~ data size, or equal
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimiser step (GMT masks the accumulated grad)
     checkpoint_every: int = Field(20, ge=1)  # steps between atomic checkpoints (resume point)

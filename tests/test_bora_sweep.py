@@ -44,8 +44,11 @@ def test_tau_auto_in_the_registry_picks_and_records_a_tau(tiny_registry):
     search_tau(ws, progress=False, fit_router=False, evaluations=2)
     state = read_state(ws.store)
     search = state["metrics"]["tau_search"]
-    assert state["tau"] == search["chosen_tau"] and 0.1 <= state["tau"] <= 1e5
+    assert state["tau"] == search["chosen_tau"] and 0.01 <= state["tau"] <= 1e4
     assert len(search["tried"]) == 2
+    chosen = next(t for t in search["tried"] if t["tau"] == search["chosen_tau"])
+    assert search["refit_from_scratch"] == (chosen["warm_start_from"] is not None)
+    assert state["metrics"]["steps"] == ws.cfg.training.steps  # the hub's adapters are a full-budget run at the chosen tau
     assert not any(p.name.startswith(".tau-search") for p in ws.store.parent.iterdir())
 
 

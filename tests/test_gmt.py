@@ -37,6 +37,19 @@ def trainer(keep: list[float | None], tau=10.0, record: list | None = None, **kw
     return t, mask
 
 
+def test_cosine_schedule_sets_each_step_rate_from_the_step_alone():
+    import math
+
+    for schedule in ("cosine", "constant"):
+        t, _ = trainer([None, None], steps=4, lr_schedule=schedule)
+        rates = []
+        for _ in range(4):
+            t.train_step()
+            rates.append(t.optimizer.param_groups[0]["lr"])
+        expected = [0.01 * (0.5 * (1 + math.cos(math.pi * s / 4)) if schedule == "cosine" else 1.0) for s in range(4)]
+        assert rates == expected
+
+
 def site(name: str) -> str:
     return name.split(".")[-1].removesuffix("_unconstrained")
 

@@ -40,6 +40,7 @@ CASES = {
     "unknown key": (lambda c: c.__setitem__("bogus", 1), "bogus: unknown key"),
     "energy on lora": (lambda c: c["tasks"][1].__setitem__("adapter", {"type": "lora", "energy": 0.9}),
                        "tasks[1](finance).adapter: energy applies to adapter type 'svfit' only"),
+    "unknown lr schedule": (lambda c: c["training"].__setitem__("lr_schedule", "linear"), "training.lr_schedule"),
 }
 
 
