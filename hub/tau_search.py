@@ -1,12 +1,16 @@
 """`tau: auto`: choose the prior precision on the validation split, without a hand-made grid.
 
 MAP over tau jointly with the adapters collapses (tau -> infinity, every theta_t -> Theta), so tau is chosen
-by held-out evidence instead: a golden-section search over log10(tau) in [LOG_LO, LOG_HI] that minimises
-the mean validation perplexity. The first candidate trains from scratch with the full step budget; every
-later one warm-starts from the nearest candidate already trained and trains half as long (continuation:
-the MAP point moves smoothly with tau). The chosen tau is then trained once more from scratch with the full
-budget (unless the chosen candidate already was), so the hub's adapters are exactly what a run with that tau
-written in tasks.yaml gives; the search history is recorded in hub.json under metrics.tau_search.
+by held-out evidence instead: a one-dimensional search over log10(tau) in [LOG_LO, LOG_HI] that minimises the
+mean validation perplexity. Every candidate is trained from scratch with the full step budget and the same
+seed, so candidates differ only in tau (an earlier version warm-started later candidates from the nearest
+trained one with half the budget; those runs had a different training history from the first one, and the
+search then compared unlike things: docs/bora.md). The search starts with two golden-section points, steps
+into the wider side of the best point while it lies at the edge of the points tried, and otherwise jumps to
+the vertex of the parabola through the best point and its two neighbours (successive parabolic
+interpolation, as in Brent's method), which on a smooth valley lands near the minimum in a few runs.
+The best candidate's store becomes the hub's store, and the search history is recorded in hub.json under
+metrics.tau_search.
 """
 from __future__ import annotations
 
@@ -24,15 +28,34 @@ from . import store as store_mod
 # tau from 0.01 (nearly independent tasks) to 1e4: on SmolLM2 + BBC News, at tau = 1e4 the offsets theta_t - Theta
 # are ~0.2% of Theta's size (docs/bora.md), i.e. already one shared adapter
 LOG_LO, LOG_HI = -2.0, 4.0
-EVALUATIONS = 5  # golden-section steps: the bracket shrinks to 0.618^3 of its width after 5 evaluations
+EVALUATIONS = 4  # training runs
 GOLDEN = (math.sqrt(5) - 1) / 2
+MIN_GAP = 0.05  # decades: a proposal closer than this to a tried point takes a golden step instead
+
+
+def propose(tried: dict[float, float], lo: float, hi: float) -> float:
+    """The next log10(tau) to try, given {log10 tau: validation perplexity} (at least one point)."""
+    xs = sorted(tried)
+    k = min(range(len(xs)), key=lambda i: tried[xs[i]])
+    x = xs[k]
+    left = xs[k - 1] if k > 0 else lo
+    right = xs[k + 1] if k + 1 < len(xs) else hi
+    if 0 < k < len(xs) - 1:  # the best point has tried neighbours on both sides: parabola vertex
+        f0, f1, f2 = tried[left], tried[x], tried[right]
+        num = (x - left) ** 2 * (f1 - f2) - (x - right) ** 2 * (f1 - f0)
+        den = (x - left) * (f1 - f2) - (x - right) * (f1 - f0)
+        if den != 0:
+            v = x - 0.5 * num / den
+            if left < v < right and min(abs(v - t) for t in xs) > MIN_GAP:
+                return v
+    if right - x >= x - left:
+        return x + (1 - GOLDEN) * (right - x)
+    return x - (1 - GOLDEN) * (x - left)
 
 
 def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, fit_router: bool = True,
-               evaluations: int = EVALUATIONS, log_range: tuple[float, float] = (LOG_LO, LOG_HI),
-               refit: bool = True):
-    """Train at the tau with the best mean validation perplexity; returns that run's TrainReport.
-    refit: retrain the chosen tau from scratch with the full budget when its candidate was warm-started."""
+               evaluations: int = EVALUATIONS, log_range: tuple[float, float] = (LOG_LO, LOG_HI)):
+    """Train at the tau with the best mean validation perplexity; returns that run's TrainReport."""
     if names:
         raise ConfigError(["--tasks: tau 'auto' searches tau for the whole hub; give a number to train a subset"],
                           ws.config_path)
@@ -41,45 +64,25 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
     work = Path(tempfile.mkdtemp(prefix=".tau-search.", dir=final_store.parent))
     tried: dict[float, dict] = {}
 
-    def evaluate(log_tau: float) -> float:
+    def evaluate(log_tau: float) -> None:
         log_tau = round(log_tau, 4)
         if log_tau in tried:
-            return tried[log_tau]["val_perplexity"]
-        warm = min(tried, key=lambda t: abs(t - log_tau), default=None)
+            return
         ws.store = work / f"tau-{log_tau:+.4f}"
-        report = ws.train(tau=10.0 ** log_tau, steps=steps if warm is None else max(1, steps // 2),
-                          progress=progress, warm_start=None if warm is None else tried[warm]["store"],
-                          fit_router=False)
+        report = ws.train(tau=10.0 ** log_tau, steps=steps, progress=progress, fit_router=False)
         res = ws.evaluate(split="validation")
         mean = sum(r["perplexity"] for r in res.values()) / len(res)
-        tried[log_tau] = {"tau": 10.0 ** log_tau, "val_perplexity": mean, "store": ws.store,
-                          "warm_start_from": None if warm is None else 10.0 ** warm, "steps": report.steps,
+        tried[log_tau] = {"tau": 10.0 ** log_tau, "val_perplexity": mean, "store": ws.store, "steps": report.steps,
                           "report": report}
         if progress:
             print(f"tau search: tau={10.0 ** log_tau:.4g} validation perplexity {mean:.3f}")
-        return mean
 
     try:
-        a, b = log_range
-        c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
-        fc, fd = evaluate(c), evaluate(d)
-        for _ in range(max(0, evaluations - 2)):
-            if fc <= fd:
-                b, d, fd = d, c, fc
-                c = b - GOLDEN * (b - a)
-                fc = evaluate(c)
-            else:
-                a, c, fc = c, d, fd
-                d = a + GOLDEN * (b - a)
-                fd = evaluate(d)
-        best = min(tried, key=lambda t: tried[t]["val_perplexity"])
-        chosen = tried[best]
-        if refit and chosen["warm_start_from"] is not None:
-            ws.store = work / "refit"
-            if progress:
-                print(f"tau search: chose tau={chosen['tau']:.4g}; training it from scratch ({steps} steps)")
-            report = ws.train(tau=chosen["tau"], steps=steps, progress=progress, fit_router=False)
-            chosen = {**chosen, "store": ws.store, "report": report}
+        lo, hi = log_range
+        evaluate(hi - GOLDEN * (hi - lo))
+        for _ in range(max(0, evaluations - 1)):
+            evaluate(propose({t: r["val_perplexity"] for t, r in tried.items()}, lo, hi))
+        chosen = tried[min(tried, key=lambda t: tried[t]["val_perplexity"])]
         old = final_store.parent / f".{final_store.name}.old"
         if final_store.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -88,10 +91,11 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
         shutil.rmtree(old, ignore_errors=True)
         state = store_mod.read_state(final_store)
         state["metrics"]["tau_search"] = {
-            "method": "golden-section over log10(tau) on mean validation perplexity, warm starts",
+            "method": "log10(tau) search on mean validation perplexity: golden-section start, then parabolic "
+                      "interpolation; every candidate trained from scratch with the full budget",
+            "range_log10": [lo, hi],
             "chosen_tau": chosen["tau"],
-            "refit_from_scratch": bool(refit and chosen["warm_start_from"] is not None),
-            "tried": [{k: v for k, v in tried[t].items() if k not in ("store", "report")} for t in sorted(tried)],
+            "tried": [{k: v for k, v in tried[t].items() if k not in ("store", "report")} for t in tried],
         }
         atomic_write_text(final_store / store_mod.HUB_FILE, json.dumps(state, indent=2))
         if fit_router:

@@ -73,11 +73,10 @@ class Workspace:
 
     # -- training ----------------------------------------------------------------------------------
     def train(self, names: list[str] | None = None, steps: int | None = None, tau=None, resume: bool = False,
-              progress: bool = True, warm_start: Path | None = None, fit_router: bool = True) -> TrainReport:
+              progress: bool = True, fit_router: bool = True) -> TrainReport:
         """Train (all tasks, or ``names`` with the rest frozen) and save the store.
 
         tau: overrides the registry's; "auto" searches it on the validation split (hub/tau_search.py).
-        warm_start: a store to start every task from (used by the tau search).
         fit_router: refit the router on the new adapters (skipped for intermediate runs of a search).
         """
         cfg, tcfg = self.cfg, self.cfg.training
@@ -91,8 +90,6 @@ class Workspace:
             return search_tau(self, names, steps, progress, fit_router=fit_router)
         mtm = self.new_model()
         init = mtm.init_params(tcfg.seed)
-        if warm_start is not None:
-            init = _warm_start(mtm, store_mod.read_params(warm_start, store_mod.read_state(warm_start), mtm), init)
         frozen_ids: list[int] = []
         stored_info: dict[str, dict] = {}
         if names:  # train a subset: the other tasks and Theta stay at their stored values
