@@ -158,6 +158,8 @@ def plot(result: dict, out_dir: Path) -> list[str]:
     ax.plot(ns, [100 * pt[t]["gain_vs_shared"] for t in tasks], marker="s", label="vs tau=shared (one adapter)")
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("training documents of the task")
     ax.set_ylabel(f"perplexity reduction at tau={result['best_grid_tau']} (%)")
     ax.legend()
