@@ -29,7 +29,8 @@ class AdapterType(Protocol):
     def add_delta(self, y: Tensor, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen: dict[str, Tensor],
                   spec: AdapterSpec) -> Tensor:
         """y (N, L, out) plus the output change for x (N, L, in) with per-row parameters p[name]: (N, K, *shape)
-        blended by w (N, K); w None means K = 1 with weight 1. Fused into y where the kernels allow it."""
+        blended by w (N, K); w None means K = 1 with weight 1. y is the base layer's fresh output, owned by the
+        caller: the change may be accumulated into it in place (its backward does not need y)."""
 
     def add_delta_one(self, y: Tensor, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor],
                       spec: AdapterSpec) -> Tensor:
@@ -52,15 +53,17 @@ def project_in(x: Tensor, A: Tensor) -> Tensor:
 
 
 def project_out(y: Tensor, h: Tensor, B: Tensor, w: Tensor | None, scale: float) -> Tensor:
-    """y (N, L, out) + scale * sum_k w_k h_k B_k^T for h (N, L, K, r), B (N, K, out, r), w (N, K) or None (all 1):
-    one batched matmul that accumulates straight into y (no separate scale or add pass over the output)."""
+    """y (N, L, out) += scale * sum_k w_k h_k B_k^T for h (N, L, K, r), B (N, K, out, r), w (N, K) or None (all 1):
+    one batched matmul accumulated into y in place (no scale, add or copy pass over the output). Returns y."""
     n, length, k, r = h.shape
     if w is not None:
         h = h * w[:, None, :, None]
     h = h.reshape(n, length, k * r)
-    return torch.baddbmm(y.reshape(n, length, -1), h, B.transpose(2, 3).reshape(n, k * r, -1), alpha=scale).view_as(y)
+    y.view(n, length, -1).baddbmm_(h, B.transpose(2, 3).reshape(n, k * r, -1), alpha=scale)
+    return y
 
 
 def linear_into(y: Tensor, h: Tensor, W: Tensor, scale: float = 1.0) -> Tensor:
-    """y + scale * h W^T for h (..., in), W (out, in), y (..., out) in one addmm."""
-    return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), W.t(), alpha=scale).view_as(y)
+    """y (..., out) += scale * h W^T for h (..., in), W (out, in), in place with one addmm. Returns y."""
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), W.t(), alpha=scale)
+    return y
