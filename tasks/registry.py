@@ -129,5 +129,27 @@ def add_tasks(config_path: str | Path, fragment_path: str | Path,
             p = (fragment_path.resolve().parent / data["path"])
             data["path"] = os.path.relpath(p, config_path.resolve().parent)
     validate(merged, config_path.resolve().parent, adapter_types, config_path)
-    atomic_write_text(config_path, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+    text = config_path.read_text(encoding="utf-8")
+    atomic_write_text(config_path, _appended(text, new, merged)
+                      or yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
     return [t["name"] for t in new]
+
+
+def _appended(text: str, new: list, merged: dict) -> str | None:
+    """The registry's own text with ``new`` appended to its block-style top-level ``tasks:`` list, so that
+    comments and layout survive; None when the layout does not allow it (the caller then rewrites the file)."""
+    lines = text.rstrip("\n").split("\n")
+    heads = [i for i, line in enumerate(lines) if line.split("#", 1)[0].rstrip() == "tasks:"]
+    if len(heads) != 1:
+        return None
+    rest = lines[heads[0] + 1:]
+    items = [line for line in rest if line.lstrip().startswith("- ")]
+    if any(line[:1] not in ("", " ", "-", "#") for line in rest):
+        return None  # another top-level key follows the list
+    indent = " " * (len(items[0]) - len(items[0].lstrip())) if items else "  "
+    block = yaml.safe_dump(new, sort_keys=False, allow_unicode=True).rstrip("\n").split("\n")
+    out = "\n".join(lines + [indent + line for line in block]) + "\n"
+    try:
+        return out if yaml.safe_load(out) == merged else None
+    except yaml.YAMLError:
+        return None

@@ -97,6 +97,19 @@ def test_tasks_add_registers_or_writes_nothing(tiny_registry, capsys):
     assert len(load_task(TaskSpec.model_validate(cfg["tasks"][-1]), root).train) >= 1
 
 
+def test_tasks_add_keeps_the_registry_comments(tiny_registry, capsys):
+    root = tiny_registry.parent
+    text = "# my hub\n" + tiny_registry.read_text().replace("tasks:", "tasks:  # one adapter each", 1)
+    tiny_registry.write_text(text)
+    (root / "poems.txt").write_text("roses are red\nviolets are blue\n")
+    frag = root / "frag.yaml"
+    frag.write_text(yaml.safe_dump([{"name": "poems", "data": {"path": "poems.txt"}}]))
+    code, _, _ = run(capsys, "--config", str(tiny_registry), "tasks", "add", str(frag))
+    after = tiny_registry.read_text()
+    assert code == 0 and after.startswith(text) and "# one adapter each" in after  # appended, nothing rewritten
+    assert yaml.safe_load(after)["tasks"][-1] == {"name": "poems", "data": {"path": "poems.txt"}}
+
+
 def test_split_is_deterministic_and_disjoint():
     spec = DataSpec(path="x", validation=0.1, test=0.2, max_train=50)
     a, b = split(100, spec, "t", 0), split(100, spec, "t", 0)
