@@ -54,16 +54,22 @@ def project_in(x: Tensor, A: Tensor) -> Tensor:
 
 def project_out(y: Tensor, h: Tensor, B: Tensor, w: Tensor | None, scale: float) -> Tensor:
     """y (N, L, out) += scale * sum_k w_k h_k B_k^T for h (N, L, K, r), B (N, K, out, r), w (N, K) or None (all 1):
-    one batched matmul accumulated into y in place (no scale, add or copy pass over the output). Returns y."""
+    one batched matmul accumulated into y (no scale or add pass over the output; in place, without even a copy of
+    y, when no gradient is recorded: inference)."""
     n, length, k, r = h.shape
     if w is not None:
         h = h * w[:, None, :, None]
     h = h.reshape(n, length, k * r)
-    y.view(n, length, -1).baddbmm_(h, B.transpose(2, 3).reshape(n, k * r, -1), alpha=scale)
+    Bt = B.transpose(2, 3).reshape(n, k * r, -1)
+    if torch.is_grad_enabled():  # autograd through an in-place op on a view is slower than the copy it saves
+        return torch.baddbmm(y.reshape(n, length, -1), h, Bt, alpha=scale).view_as(y)
+    y.view(n, length, -1).baddbmm_(h, Bt, alpha=scale)
     return y
 
 
 def linear_into(y: Tensor, h: Tensor, W: Tensor, scale: float = 1.0) -> Tensor:
-    """y (..., out) += scale * h W^T for h (..., in), W (out, in), in place with one addmm. Returns y."""
+    """y (..., out) + scale * h W^T for h (..., in), W (out, in) in one addmm (in place under no_grad)."""
+    if torch.is_grad_enabled():
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), W.t(), alpha=scale).view_as(y)
     y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), W.t(), alpha=scale)
     return y
