@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from models.base import load_base
-from models.bora import BoraPrior
+from models.bora import BoraPrior, site_of
 from models.multitask import MultiTaskModel
 from models.registry import ADAPTERS
 from models.regularisers import training_extras
@@ -186,7 +186,7 @@ def freeze_hook(prior: BoraPrior, frozen_ids: list[int]):
         for name, p in named_params:
             if p.grad is None:
                 continue
-            site = name.split(".")[-1].removesuffix("_unconstrained")
+            site = site_of(name)
             if site.startswith("Theta_"):
                 p.grad.zero_()
             elif rows.get(site):

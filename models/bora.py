@@ -70,6 +70,11 @@ class IsotropicNormal(TorchDistribution):
         return IsotropicNormal(self.loc, self.precision, batch_shape, self.size)
 
 
+def site_of(param_name: str) -> str:
+    """The sample site a guide parameter belongs to: AutoDelta names them "locs.<site>_unconstrained"."""
+    return param_name.split(".")[-1].removesuffix("_unconstrained")
+
+
 class BoraPrior:
     """The Pyro model + MAP guide over every group's (theta, Theta)."""
 

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import Tensor
 
+from .bora import site_of
 from .multitask import MultiTaskModel
 from .stacked import Group
 
@@ -58,7 +59,7 @@ class GradientMask:
 
     def __call__(self, named_params: list[tuple[str, Tensor]]) -> None:
         for name, p in named_params:
-            site = name.split(".")[-1].removesuffix("_unconstrained")
+            site = site_of(name)
             if site not in self.plan or p.grad is None:
                 continue
             parts, blocks, dim = self.plan[site]

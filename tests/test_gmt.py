@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import tiny_lm, tiny_tokenizer
 
-from models.bora import BoraPrior
+from models.bora import BoraPrior, site_of
 from models.gmt import GradientMask, MaskedAdam, keep_count
 from models.multitask import MultiTaskModel
 from models.trainer import Trainer
@@ -29,7 +29,7 @@ def trainer(keep: list[float | None], tau=10.0, record: list | None = None, **kw
     prior = BoraPrior(mtm, tau, torch.full((len(keep),), 6.0), mtm.init_params(0), centred=set(mask.groups))
 
     def capture(named_params):
-        record.append({site(n): p.grad.clone() for n, p in named_params})
+        record.append({site_of(n): p.grad.clone() for n, p in named_params})
 
     hooks = ([capture] if record is not None else []) + [mask]
     t = Trainer(prior, batcher(len(keep)), lr=0.01, seed=0, grad_accum=2, grad_hooks=hooks,
@@ -50,18 +50,14 @@ def test_cosine_schedule_sets_each_step_rate_from_the_step_alone():
         assert rates == expected
 
 
-def site(name: str) -> str:
-    return name.split(".")[-1].removesuffix("_unconstrained")
-
-
 def test_mask_keeps_the_top_fraction_per_slice_and_adam_leaves_the_rest_untouched():
     raw: list[dict] = []
     t, _ = trainer([0.25, None], record=raw, steps=2)
     t.train_step()
-    before = {site(n): p.detach().clone() for n, p in t.named_params}
-    moments = {site(n): {k: v.clone() for k, v in t.optimizer.state[p].items()} for n, p in t.named_params}
+    before = {site_of(n): p.detach().clone() for n, p in t.named_params}
+    moments = {site_of(n): {k: v.clone() for k, v in t.optimizer.state[p].items()} for n, p in t.named_params}
     t.train_step()
-    params = {site(n): p for n, p in t.named_params}
+    params = {site_of(n): p for n, p in t.named_params}
     theta, grad, raw_grad = params["theta_0"], params["theta_0"].grad, raw[-1]["theta_0"]
     g = t.prior.mtm.groups[0]
     for _, _, s in g.slices():
