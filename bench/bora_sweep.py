@@ -55,11 +55,11 @@ def run_sweep(config: Path, grid: list, auto_evaluations: int, progress: bool = 
     """Train + test-evaluate at every tau of the grid and with tau auto; returns the results mapping.
 
     Each finished grid run is kept in <work>/runs/<tau>.json with the registry it ran on (and a hash of the
-    prior, stacked-layer and trainer code), and reused when the sweep is started again on the same registry and
+    code under models/), and reused when the sweep is started again on the same registry and
     code (an interrupted sweep loses at most the run in progress)."""
     ws = Workspace(config)
     root = ws.store
-    code = [Path(__file__).resolve().parents[1] / "models" / f for f in ("bora.py", "stacked.py", "trainer.py", "lora.py")]
+    code = sorted((Path(__file__).resolve().parents[1] / "models").glob("*.py"))  # every file a run's numbers rest on
     settings = config.read_text() + "".join(hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in code)
     runs = {}
     for tau in grid:
