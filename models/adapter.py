@@ -32,9 +32,10 @@ class AdapterType(Protocol):
         blended by w (N, K); w None means K = 1 with weight 1. y is the base layer's fresh output, owned by the
         caller: the change may be accumulated into it in place (its backward does not need y)."""
 
-    def add_delta_one(self, y: Tensor, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor],
-                      spec: AdapterSpec) -> Tensor:
-        """y plus the output change when every row uses the same parameters p[name]: (*shape)."""
+    def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
+        """The output change (a fresh tensor, owned by the caller) when every row uses the same parameters
+        p[name]: (*shape). The caller accumulates the base layer's product into it: one pass fewer over the
+        output than adding the change to the base output afterwards."""
 
     def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
         """An equivalent PEFT LoRA (A (r, in), B (out, r), lora_alpha) for one task's parameters."""
@@ -47,9 +48,13 @@ def kaiming_uniform(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -
 
 
 def project_in(x: Tensor, A: Tensor) -> Tensor:
-    """x (N, L, in), A (N, K, r, in) -> (N, L, K, r) in one batched matmul."""
+    """x (N, L, in), A (N, K, r, in) -> (N, L, K, r) in one batched matmul.
+
+    Computed as A x^T (N, K r, L) and returned as a transposed view: with K r this narrow the batched matmul
+    is faster in this orientation on CPU (bench/mixed_batch.py), and project_out takes the view without a copy."""
     n, k, r, _ = A.shape
-    return torch.bmm(x, A.reshape(n, k * r, -1).transpose(1, 2)).view(x.shape[0], x.shape[1], k, r)
+    hT = torch.bmm(A.reshape(n, k * r, -1), x.transpose(1, 2))
+    return hT.transpose(1, 2).view(n, x.shape[1], k, r)
 
 
 def project_out(y: Tensor, h: Tensor, B: Tensor, w: Tensor | None, scale: float) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from tasks.schema import AdapterSpec
 
-from .adapter import kaiming_uniform, linear_into, project_in, project_out
+from .adapter import kaiming_uniform, project_in, project_out
 
 
 class LoRA:
@@ -26,8 +26,8 @@ class LoRA:
     def add_delta(self, y: Tensor, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen, spec: AdapterSpec) -> Tensor:
         return project_out(y, project_in(x, p["A"]), p["B"], w, spec.alpha / spec.rank)
 
-    def add_delta_one(self, y: Tensor, x: Tensor, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> Tensor:
-        return linear_into(y, F.linear(x, p["A"]), p["B"], spec.alpha / spec.rank)
+    def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> Tensor:
+        return F.linear(F.linear(x, p["A"]) * (spec.alpha / spec.rank), p["B"])
 
     def to_lora(self, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
         return p["A"], p["B"], spec.alpha

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tasks.schema import AdapterSpec
 
-from .adapter import kaiming_uniform, linear_into, project_in, project_out
+from .adapter import kaiming_uniform, project_in, project_out
 
 
 class MoSLoRA:
@@ -38,8 +38,8 @@ class MoSLoRA:
         h = torch.einsum("nlkr,nksr->nlks", h, p["M"])  # mix the r subspaces, per row and choice
         return project_out(y, h, p["B"], w, spec.alpha / spec.rank)
 
-    def add_delta_one(self, y: Tensor, x: Tensor, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> Tensor:
-        return linear_into(y, F.linear(F.linear(x, p["A"]), p["M"]), p["B"], spec.alpha / spec.rank)
+    def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> Tensor:
+        return F.linear(F.linear(F.linear(x, p["A"]), p["M"]) * (spec.alpha / spec.rank), p["B"])
 
     def to_lora(self, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
         return p["A"], p["B"] @ p["M"], spec.alpha

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tasks.registry import ConfigError
 from tasks.schema import AdapterSpec
 
-from .adapter import AdapterType
+from .adapter import AdapterType, linear_into
 
 GLOBAL = -1  # routing id of the global adapter Theta
 
@@ -174,22 +174,32 @@ class StackedLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        for g in self.groups:
-            r = self._stack.routing_for(g, x.device)
-            if r is None:
-                continue
-            p = g.params(self.name)
-            frozen = g.frozen[self.name]
+        routes = [(g, r) for g in self.groups if (r := self._stack.routing_for(g, x.device)) is not None]
+        # Groups used by every row alike: their output change first, then the base product accumulated into it.
+        y = None
+        for g, r in routes:
             if r.uniform is not None:
-                y = g.atype.add_delta_one(y, x, {k: v[r.uniform] for k, v in p.items()}, frozen, g.spec)
-            else:
+                p = {k: v[r.uniform] for k, v in g.params(self.name).items()}
+                d = g.atype.delta_one(x, p, g.frozen[self.name], g.spec)
+                y = d if y is None else y + d
+        y = self.base(x) if y is None else self._base_into(y, x)
+        # Per-row (mixed or blended) groups: gather each row's parameters, add in batched matmuls.
+        for g, r in routes:
+            if r.uniform is None:
                 x3 = x if x.dim() == 3 else x.unsqueeze(1)
                 y3 = y if y.dim() == 3 else y.unsqueeze(1)
                 n, k = r.slots.shape
-                rows = {name: v.index_select(0, r.slots.reshape(-1)).view(n, k, *v.shape[1:]) for name, v in p.items()}
-                y = g.atype.add_delta(y3, x3, rows, r.weights, frozen, g.spec).view_as(y)
+                rows = {name: v.index_select(0, r.slots.reshape(-1)).view(n, k, *v.shape[1:])
+                        for name, v in g.params(self.name).items()}
+                y = g.atype.add_delta(y3, x3, rows, r.weights, g.frozen[self.name], g.spec).view_as(y)
         return y
+
+    def _base_into(self, y: Tensor, x: Tensor) -> Tensor:
+        """y + the frozen layer's output, the matmul accumulating into y (in place when no gradient is recorded)."""
+        y = linear_into(y, x, self.base.weight)
+        if self.base.bias is None:
+            return y
+        return y.add_(self.base.bias) if not torch.is_grad_enabled() else y + self.base.bias
 
 
 def build_stack(model: nn.Module, groups_spec: list[tuple[str, AdapterSpec, AdapterType, list[int]]],

@@ -96,9 +96,8 @@ class SVFit:
         ds = p["s"].sum(1) if w is None else (p["s"] * w[..., None]).sum(1)
         return linear_into(y, F.linear(x, frozen["Vh"]) * ds[:, None, :], frozen["U"])
 
-    def add_delta_one(self, y: Tensor, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor],
-                      spec: AdapterSpec) -> Tensor:
-        return linear_into(y, F.linear(x, frozen["Vh"]) * p["s"], frozen["U"])
+    def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
+        return F.linear(F.linear(x, frozen["Vh"]) * p["s"], frozen["U"])
 
     def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec
                 ) -> tuple[Tensor, Tensor, float]:

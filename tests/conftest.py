@@ -32,6 +32,16 @@ def tiny_tokenizer():
                                    bos_token="<bos>")
 
 
+def tiny_batcher(n_tasks: int):
+    """A balanced MixedBatcher over ``n_tasks`` tasks of 6 random 10-token examples each."""
+    from tasks.batching import MixedBatcher, Tokenized
+
+    gen = torch.Generator().manual_seed(0)
+    data = {t: Tokenized([torch.randint(4, 128, (10,), generator=gen).tolist() for _ in range(6)], [0] * 6)
+            for t in range(n_tasks)}
+    return MixedBatcher(data, batch_size=4, sampling="balanced", seed=0, pad_id=1)
+
+
 def tiny_lm(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

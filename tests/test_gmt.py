@@ -3,23 +3,15 @@ entries (parameters and moments) untouched."""
 from __future__ import annotations
 
 import torch
-from conftest import tiny_lm, tiny_tokenizer
+from conftest import tiny_batcher, tiny_lm, tiny_tokenizer
 
 from models.bora import BoraPrior, site_of
 from models.gmt import GradientMask, MaskedAdam, keep_count
 from models.multitask import MultiTaskModel
 from models.trainer import Trainer
-from tasks.batching import MixedBatcher, Tokenized
 from tasks.schema import AdapterSpec
 
 SPEC = AdapterSpec(type="moslora", rank=4, alpha=8, target_modules=["q_proj", "down_proj"])
-
-
-def batcher(n_tasks: int) -> MixedBatcher:
-    gen = torch.Generator().manual_seed(0)
-    data = {t: Tokenized([torch.randint(4, 128, (10,), generator=gen).tolist() for _ in range(6)], [0] * 6)
-            for t in range(n_tasks)}
-    return MixedBatcher(data, batch_size=4, sampling="balanced", seed=0, pad_id=1)
 
 
 def trainer(keep: list[float | None], tau=10.0, record: list | None = None, **kw) -> tuple[Trainer, GradientMask]:
@@ -32,22 +24,9 @@ def trainer(keep: list[float | None], tau=10.0, record: list | None = None, **kw
         record.append({site_of(n): p.grad.clone() for n, p in named_params})
 
     hooks = ([capture] if record is not None else []) + [mask]
-    t = Trainer(prior, batcher(len(keep)), lr=0.01, seed=0, grad_accum=2, grad_hooks=hooks,
+    t = Trainer(prior, tiny_batcher(len(keep)), lr=0.01, seed=0, grad_accum=2, grad_hooks=hooks,
                 optimizer_factory=lambda ps: mask.optimizer(ps, 0.01), **kw)
     return t, mask
-
-
-def test_cosine_schedule_sets_each_step_rate_from_the_step_alone():
-    import math
-
-    for schedule in ("cosine", "constant"):
-        t, _ = trainer([None, None], steps=4, lr_schedule=schedule)
-        rates = []
-        for _ in range(4):
-            t.train_step()
-            rates.append(t.optimizer.param_groups[0]["lr"])
-        expected = [0.01 * (0.5 * (1 + math.cos(math.pi * s / 4)) if schedule == "cosine" else 1.0) for s in range(4)]
-        assert rates == expected
 
 
 def test_mask_keeps_the_top_fraction_per_slice_and_adam_leaves_the_rest_untouched():

@@ -123,3 +123,34 @@ def test_each_linear_wrapped_once_per_target(mtm_and_params):
     wrapped = [n for n, m in mtm.lm.named_modules() if isinstance(m, StackedLinear)]
     assert len(wrapped) == 2 * 7  # 2 layers x 7 projections
     assert not any(isinstance(m.base, StackedLinear) for m in mtm.lm.modules() if isinstance(m, StackedLinear))
+
+
+@pytest.mark.parametrize("type_", ["lora", "moslora", "svfit"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_linear_with_bias_uniform_and_mixed_rows(type_, grad):
+    """Uniform routing computes the change first and accumulates the base matmul into it (in place without
+    autograd); the bias must still be added once, and mixed rows must agree with it, in both grad modes."""
+    from models.registry import ADAPTERS
+    from models.stacked import build_stack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10, bias=True))
+    model.requires_grad_(False)
+    spec = AdapterSpec(type=type_, rank=3, alpha=6, target_modules=["0"])
+    stack = build_stack(model, [("g", spec, ADAPTERS[type_], [0, 1])], 2)
+    (g,) = stack.groups
+    g.flat = torch.randn(g.flat.shape) * 0.3
+    lin = model[0]
+    x = torch.randn(4, 5, 12)
+    with torch.set_grad_enabled(grad):
+        plain = lin.base(x)
+        stack.route(torch.full((4,), 1))
+        uniform = lin(x)
+        stack.route(torch.tensor([1, 0, 1, 0]))
+        mixed = lin(x)
+        p1 = {k: v[1] for k, v in g.params("0").items()}
+        expect = plain + g.atype.delta_one(x, p1, g.frozen["0"], g.spec)
+    torch.testing.assert_close(uniform, expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0::2], expect[0::2], atol=1e-5, rtol=1e-5)
+    assert (mixed[1] - expect[1]).abs().max() > 1e-3  # row 1 uses task 0: a different change
+    assert (uniform - plain).abs().max() > 1e-3

@@ -84,6 +84,29 @@ def test_store_refuses_wrong_shapes_and_corrupt_files(tiny_hub):
         ws.trained_model()
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_sets_each_step_rate_from_the_step_alone(schedule):
+    import math
+
+    from conftest import tiny_batcher, tiny_lm, tiny_tokenizer
+
+    from models.bora import BoraPrior
+    from models.multitask import MultiTaskModel
+    from models.trainer import Trainer
+    from tasks.schema import AdapterSpec
+
+    spec = AdapterSpec(rank=4, alpha=8, target_modules=["q_proj"])
+    mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [("a", spec), ("b", spec)])
+    prior = BoraPrior(mtm, 10.0, torch.full((2,), 6.0), mtm.init_params(0))
+    t = Trainer(prior, tiny_batcher(2), steps=4, lr=0.01, seed=0, lr_schedule=schedule)
+    rates = []
+    for _ in range(4):
+        t.train_step()
+        rates.append(t.optimizer.param_groups[0]["lr"])
+    factor = [0.5 * (1 + math.cos(math.pi * s / 4)) if schedule == "cosine" else 1.0 for s in range(4)]
+    assert rates == [0.01 * f for f in factor]
+
+
 def cli(*args, cwd):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "hub.cli", *args], cwd=cwd, env=env,
