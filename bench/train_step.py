@@ -1,6 +1,7 @@
 """Training-step cost of the joint multi-task BoRA step, against PEFT on the same batch.
 
-Variants, timed interleaved in one run (median of --repeats, after one warm-up step each):
+Variants, timed interleaved in one run (the order rotated every repeat; medians and minima of --repeats, after
+one warm-up step each; the machine's noise only adds time, so the minima are the least disturbed figures):
   borahub      joint step over 8 tasks in one mixed batch: Pyro model + AutoDelta guide, Adam
   borahub_torch the same stacked model with the prior written as a plain-torch penalty (Pyro overhead)
   peft_single  one PEFT LoRA adapter (same rank and targets) on the same batch
@@ -134,12 +135,14 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for fn in steps.values():
         fn()  # warm-up
-    for _ in range(args.repeats):
-        for k, fn in steps.items():
+    names = list(steps)
+    for r in range(args.repeats):
+        for k in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            steps[k]()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     result = {
         "command": "python " + " ".join(sys.argv),
@@ -151,20 +154,28 @@ def main() -> None:
         "ratio_joint_vs_peft_single": med["borahub"] / med["peft_single"],
         "ratio_joint_vs_peft_loop": med["borahub"] / med["peft_loop"],
         "pyro_overhead_vs_torch_penalty": med["borahub"] / med["borahub_torch"] - 1,
+        "min_seconds": low,
+        "min_ratio_joint_vs_peft_single": low["borahub"] / low["peft_single"],
+        "min_ratio_joint_vs_peft_loop": low["borahub"] / low["peft_loop"],
+        "min_pyro_overhead_vs_torch_penalty": low["borahub"] / low["borahub_torch"] - 1,
+        "seconds": times,
         "goals": {"ratio_joint_vs_peft_single": "<= 1.10", "ratio_joint_vs_peft_loop": "<= 0.7 on a GPU",
                   "pyro_overhead_vs_torch_penalty": "<= 0.05"},
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "seconds"}, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Training step: joint 8-task BoRA vs PEFT\n", f"Command: `{result['command']}`  ",
-          f"Machine: {result['machine']}; date {result['date']}\n", "| variant | median step (s) |", "|---|---|"]
-    md += [f"| {k} | {v:.3f} |" for k, v in med.items()]
-    md += ["", f"- joint / PEFT single adapter: **{result['ratio_joint_vs_peft_single']:.3f}** (goal <= 1.10)",
-           f"- joint / PEFT per-task loop: **{result['ratio_joint_vs_peft_loop']:.3f}** (goal <= 0.7 on a GPU)",
+          f"Machine: {result['machine']}; date {result['date']}\n", "| variant | median step (s) | min step (s) |", "|---|---|---|"]
+    md += [f"| {k} | {v:.3f} | {low[k]:.3f} |" for k, v in med.items()]
+    md += ["", "Ratios of medians (of minima in brackets):", "",
+           f"- joint / PEFT single adapter: **{result['ratio_joint_vs_peft_single']:.3f}** "
+           f"({result['min_ratio_joint_vs_peft_single']:.3f}) (goal <= 1.10)",
+           f"- joint / PEFT per-task loop: **{result['ratio_joint_vs_peft_loop']:.3f}** "
+           f"({result['min_ratio_joint_vs_peft_loop']:.3f}) (goal <= 0.7 on a GPU)",
            f"- Pyro prior overhead vs plain-torch penalty: **{100 * result['pyro_overhead_vs_torch_penalty']:+.1f}%** "
-           "(goal <= 5%)"]
+           f"({100 * result['min_pyro_overhead_vs_torch_penalty']:+.1f}%) (goal <= 5%)"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 

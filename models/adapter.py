@@ -50,9 +50,13 @@ def kaiming_uniform(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -
 def project_in(x: Tensor, A: Tensor) -> Tensor:
     """x (N, L, in), A (N, K, r, in) -> (N, L, K, r) in one batched matmul.
 
-    Computed as A x^T (N, K r, L) and returned as a transposed view: with K r this narrow the batched matmul
-    is faster in this orientation on CPU (bench/mixed_batch.py), and project_out takes the view without a copy."""
+    Without autograd (inference) it is computed as A x^T (N, K r, L) and returned as a transposed view: with
+    K r this narrow that orientation of the batched matmul is faster on CPU, and project_out takes the view
+    without a copy. With autograd the plain x A^T is kept: the backward of the transposed form made the
+    training step ~15% slower (bench/train_step.py)."""
     n, k, r, _ = A.shape
+    if torch.is_grad_enabled():
+        return torch.bmm(x, A.reshape(n, k * r, -1).transpose(1, 2)).view(n, x.shape[1], k, r)
     hT = torch.bmm(A.reshape(n, k * r, -1), x.transpose(1, 2))
     return hT.transpose(1, 2).view(n, x.shape[1], k, r)
 
