@@ -26,16 +26,14 @@ class AdapterType(Protocol):
     def init(self, spec: AdapterSpec, base: nn.Linear, frozen: dict[str, Tensor], gen: torch.Generator) -> dict[str, Tensor]:
         """Initial global parameters Theta; tasks start at Theta plus tiny noise."""
 
-    def add_delta(self, y: Tensor, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen: dict[str, Tensor],
-                  spec: AdapterSpec) -> Tensor:
-        """y (N, L, out) plus the output change for x (N, L, in) with per-row parameters p[name]: (N, K, *shape)
-        blended by w (N, K); w None means K = 1 with weight 1. y is the base layer's fresh output, owned by the
-        caller: the change may be accumulated into it in place (its backward does not need y)."""
+    def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen: dict[str, Tensor],
+              spec: AdapterSpec) -> Tensor:
+        """The output change (N, L, out) for x (N, L, in) with per-row parameters p[name]: (N, K, *shape) blended
+        by w (N, K); w None means K = 1 with weight 1. A fresh tensor, owned by the caller, which accumulates the
+        frozen layer's product into it (one pass fewer over the output than adding the change afterwards)."""
 
     def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
-        """The output change (a fresh tensor, owned by the caller) when every row uses the same parameters
-        p[name]: (*shape). The caller accumulates the base layer's product into it: one pass fewer over the
-        output than adding the change to the base output afterwards."""
+        """The same when every row uses the same parameters p[name]: (*shape), in plain matmuls."""
 
     def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
         """An equivalent PEFT LoRA (A (r, in), B (out, r), lora_alpha) for one task's parameters."""
@@ -61,19 +59,12 @@ def project_in(x: Tensor, A: Tensor) -> Tensor:
     return hT.transpose(1, 2).view(n, x.shape[1], k, r)
 
 
-def project_out(y: Tensor, h: Tensor, B: Tensor, w: Tensor | None, scale: float) -> Tensor:
-    """y (N, L, out) += scale * sum_k w_k h_k B_k^T for h (N, L, K, r), B (N, K, out, r), w (N, K) or None (all 1):
-    one batched matmul accumulated into y (no scale or add pass over the output; in place, without even a copy of
-    y, when no gradient is recorded: inference)."""
+def project_out(h: Tensor, B: Tensor, w: Tensor | None, scale: float) -> Tensor:
+    """scale * sum_k w_k h_k B_k^T (N, L, out) for h (N, L, K, r), B (N, K, out, r), w (N, K) or None (all 1): the
+    scale and weights go on the narrow h, the sum over k into one batched matmul."""
     n, length, k, r = h.shape
-    if w is not None:
-        h = h * w[:, None, :, None]
-    h = h.reshape(n, length, k * r)
-    Bt = B.transpose(2, 3).reshape(n, k * r, -1)
-    if torch.is_grad_enabled():  # autograd through an in-place op on a view is slower than the copy it saves
-        return torch.baddbmm(y.reshape(n, length, -1), h, Bt, alpha=scale).view_as(y)
-    y.view(n, length, -1).baddbmm_(h, Bt, alpha=scale)
-    return y
+    h = h * scale if w is None else h * (w * scale)[:, None, :, None]
+    return torch.bmm(h.reshape(n, length, k * r), B.transpose(2, 3).reshape(n, k * r, -1))
 
 
 def linear_into(y: Tensor, h: Tensor, W: Tensor, scale: float = 1.0) -> Tensor:

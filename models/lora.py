@@ -23,8 +23,8 @@ class LoRA:
         return {"A": kaiming_uniform((spec.rank, base.in_features), base.in_features, gen),
                 "B": torch.zeros(base.out_features, spec.rank)}
 
-    def add_delta(self, y: Tensor, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen, spec: AdapterSpec) -> Tensor:
-        return project_out(y, project_in(x, p["A"]), p["B"], w, spec.alpha / spec.rank)
+    def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen, spec: AdapterSpec) -> Tensor:
+        return project_out(project_in(x, p["A"]), p["B"], w, spec.alpha / spec.rank)
 
     def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> Tensor:
         return F.linear(F.linear(x, p["A"]) * (spec.alpha / spec.rank), p["B"])

@@ -33,10 +33,10 @@ class MoSLoRA:
                 "M": kaiming_uniform((r, r), r, gen),
                 "B": torch.zeros(base.out_features, r)}
 
-    def add_delta(self, y: Tensor, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen, spec: AdapterSpec) -> Tensor:
+    def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen, spec: AdapterSpec) -> Tensor:
         h = project_in(x, p["A"])  # (N, L, K, r)
         h = torch.einsum("nlkr,nksr->nlks", h, p["M"])  # mix the r subspaces, per row and choice
-        return project_out(y, h, p["B"], w, spec.alpha / spec.rank)
+        return project_out(h, p["B"], w, spec.alpha / spec.rank)
 
     def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> Tensor:
         return F.linear(F.linear(F.linear(x, p["A"]), p["M"]) * (spec.alpha / spec.rank), p["B"])

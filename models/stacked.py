@@ -174,25 +174,23 @@ class StackedLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        routes = [(g, r) for g in self.groups if (r := self._stack.routing_for(g, x.device)) is not None]
-        # Groups used by every row alike: their output change first, then the base product accumulated into it.
+        """The groups' output changes first (plain matmuls when every row uses the same parameters, else each
+        row's parameters gathered into batched matmuls), then the frozen product accumulated into their sum."""
         y = None
-        for g, r in routes:
+        for g in self.groups:
+            r = self._stack.routing_for(g, x.device)
+            if r is None:
+                continue
+            p, frozen = g.params(self.name), g.frozen[self.name]
             if r.uniform is not None:
-                p = {k: v[r.uniform] for k, v in g.params(self.name).items()}
-                d = g.atype.delta_one(x, p, g.frozen[self.name], g.spec)
-                y = d if y is None else y + d
-        y = self.base(x) if y is None else self._base_into(y, x)
-        # Per-row (mixed or blended) groups: gather each row's parameters, add in batched matmuls.
-        for g, r in routes:
-            if r.uniform is None:
+                d = g.atype.delta_one(x, {k: v[r.uniform] for k, v in p.items()}, frozen, g.spec)
+            else:
                 x3 = x if x.dim() == 3 else x.unsqueeze(1)
-                y3 = y if y.dim() == 3 else y.unsqueeze(1)
                 n, k = r.slots.shape
-                rows = {name: v.index_select(0, r.slots.reshape(-1)).view(n, k, *v.shape[1:])
-                        for name, v in g.params(self.name).items()}
-                y = g.atype.add_delta(y3, x3, rows, r.weights, g.frozen[self.name], g.spec).view_as(y)
-        return y
+                rows = {name: v.index_select(0, r.slots.reshape(-1)).view(n, k, *v.shape[1:]) for name, v in p.items()}
+                d = g.atype.delta(x3, rows, r.weights, frozen, g.spec).view(*x.shape[:-1], -1)
+            y = d if y is None else y + d
+        return self.base(x) if y is None else self._base_into(y, x)
 
     def _base_into(self, y: Tensor, x: Tensor) -> Tensor:
         """y + the frozen layer's output, the matmul accumulating into y (in place when no gradient is recorded)."""

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from tasks.schema import AdapterSpec
 
-from .adapter import linear_into
 from .base import cache_dir
 
 
@@ -90,11 +89,11 @@ class SVFit:
     def init(self, spec: AdapterSpec, base: nn.Linear, frozen: dict[str, Tensor], gen) -> dict[str, Tensor]:
         return {"s": torch.zeros(frozen["U"].shape[1])}
 
-    def add_delta(self, y: Tensor, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen: dict[str, Tensor],
-                  spec: AdapterSpec) -> Tensor:
+    def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen: dict[str, Tensor],
+              spec: AdapterSpec) -> Tensor:
         # The delta is linear in ds, so blending K choices in output space blends their ds: (N, r).
         ds = p["s"].sum(1) if w is None else (p["s"] * w[..., None]).sum(1)
-        return linear_into(y, F.linear(x, frozen["Vh"]) * ds[:, None, :], frozen["U"])
+        return F.linear(F.linear(x, frozen["Vh"]) * ds[:, None, :], frozen["U"])
 
     def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
         return F.linear(F.linear(x, frozen["Vh"]) * p["s"], frozen["U"])

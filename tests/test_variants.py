@@ -148,8 +148,7 @@ def test_blending_is_in_output_space(type_):
     p, frozen = g.params(m), g.frozen[m]
     x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(3))
     slots, w = torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]])
-    zero = torch.zeros(2, 5, mtm.lm.get_submodule(m).out_features)
-    blended = g.atype.add_delta(zero, x, {k: v[slots] for k, v in p.items()}, w, frozen, g.spec)
+    blended = g.atype.delta(x, {k: v[slots] for k, v in p.items()}, w, frozen, g.spec)
     for n in range(2):
         parts = [g.atype.delta_one(x[n], {k: v[slots[n, j]] for k, v in p.items()}, frozen, g.spec)
                  for j in range(2)]
