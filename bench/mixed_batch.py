@@ -218,7 +218,9 @@ def write_md(res: dict, path: Path) -> None:
                   f"{g['routed_rows_on_their_task']:.2f}.", ""]
     lines += ["## Where the adapters' time goes", "",
               f"torch.profiler, one forward each, base vs ours with {f['profile_adapters']} adapters: the ops whose "
-              "self CPU time grows most, as a share of the base forward's total.", "",
+              "self CPU time grows most, as a share of the base forward's total. The frozen matmuls of the adapted "
+              "modules run as `addmm_` in ours (accumulating into the adapters' change) and as `mm` in the base, so "
+              "those two lines move together; one profiled forward each, as noisy as any single run.", "",
               "| op | calls base / ours | base s | ours s | extra / base total |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['op']} | {r['calls_base']} / {r['calls_ours']} | {r['base_s']:.3f} | {r['ours_s']:.3f} | "
               f"{r['extra_share_of_base']:+.3f} |" for r in f["extra_ops"]]
