@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tasks.registry import ConfigError
 from tasks.schema import AdapterSpec
 
-from .adapter import AdapterType, linear_into
+from .adapter import AdapterType
 
 GLOBAL = -1  # routing id of the global adapter Theta
 
@@ -193,11 +193,15 @@ class StackedLinear(nn.Module):
         return self.base(x) if y is None else self._base_into(y, x)
 
     def _base_into(self, y: Tensor, x: Tensor) -> Tensor:
-        """y + the frozen layer's output, the matmul accumulating into y (in place when no gradient is recorded)."""
-        y = linear_into(y, x, self.base.weight)
-        if self.base.bias is None:
-            return y
-        return y.add_(self.base.bias) if not torch.is_grad_enabled() else y + self.base.bias
+        """y + the frozen layer's output in one addmm accumulating into y: in place when no gradient is recorded
+        (y is the fresh change built by forward, held by nobody else), out of place under autograd."""
+        W, b = self.base.weight, self.base.bias
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), x2, W.t()).view_as(y)
+            return y if b is None else y + b
+        y.view(-1, y.shape[-1]).addmm_(x2, W.t())
+        return y if b is None else y.add_(b)
 
 
 def build_stack(model: nn.Module, groups_spec: list[tuple[str, AdapterSpec, AdapterType, list[int]]],
