@@ -12,6 +12,10 @@ All timings of a part are interleaved repetitions in one process. Ratios are giv
 on a shared machine the disturbances only ever add time (a single forward of the base model ranged over
 +-25% in one run), so the minimum is the least disturbed estimate and the median the conservative one.
 
+The process keeps freed memory (models/allocator.py) unless BORAHUB_SYSTEM_MALLOC=1: with glibc's default,
+every forward page-faults its ~400 MB of fresh activations in again, which costs base and ours alike about
+0.5 s and most of the run-to-run noise.
+
     python bench/mixed_batch.py [--reps 9] [--threads 1]
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.allocator import retain_freed_memory  # noqa: E402
 from models.base import load_base  # noqa: E402
 from models.multitask import MultiTaskModel  # noqa: E402
 from tasks.schema import ALL_PROJECTIONS, AdapterSpec  # noqa: E402
@@ -188,7 +193,8 @@ def write_md(res: dict, path: Path) -> None:
     lines = [
         "# Mixed-task batches: cost per adapter count", "",
         f"Command: `{res['command']}`  ",
-        f"Machine: {res['machine']}; torch threads: {res['threads']}; date: {res['date']}", "",
+        f"Machine: {res['machine']}; torch threads: {res['threads']}; freed memory: {res['malloc']}; "
+        f"date: {res['date']}", "",
         f"One forward of {f['rows']} rows x {f['tokens']} tokens on SmolLM2-135M (logits for every token), "
         f"rank-{f['rank']} LoRA on {', '.join(f['targets'])}; rows spread round-robin over N adapters. "
         f"Medians of {res['reps']} interleaved repetitions (wall clock; ratios of the minima and of CPU-time medians "
@@ -247,9 +253,10 @@ def main() -> None:
     args = ap.parse_args()
     args.counts = [int(x) for x in args.counts.split(",")]
     torch.set_num_threads(args.threads)
+    malloc = "retained (models/allocator.py)" if retain_freed_memory() else "system default"
     res = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'})",
-           "threads": args.threads, "date": dt.date.today().isoformat(), "reps": args.reps,
+           "threads": args.threads, "malloc": malloc, "date": dt.date.today().isoformat(), "reps": args.reps,
            "forward": forward_part(args)}
     if not args.skip_generation:
         res["generation"] = generation_part(args)

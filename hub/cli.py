@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from hub.errors import USER_ERRORS
+    from models.allocator import retain_freed_memory
+
+    retain_freed_memory()  # a CLI run is one job: reuse freed tensors' memory instead of page-faulting it anew
 
     try:
         return args.func(args)
