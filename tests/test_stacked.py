@@ -9,7 +9,7 @@ from conftest import tiny_lm
 
 from models.base import prepare
 from models.multitask import MultiTaskModel
-from models.stacked import GLOBAL, StackedLinear
+from models.stacked import GLOBAL, StackedLinear, merge_pays
 from tasks.schema import AdapterSpec
 
 SPEC = AdapterSpec(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -127,9 +127,12 @@ def test_each_linear_wrapped_once_per_target(mtm_and_params):
 
 @pytest.mark.parametrize("type_", ["lora", "moslora", "svfit"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_linear_with_bias_uniform_and_mixed_rows(type_, grad):
+@pytest.mark.parametrize("length", [1, 5])
+def test_linear_with_bias_uniform_and_mixed_rows(type_, grad, length, monkeypatch):
     """Uniform routing computes the change first and accumulates the base matmul into it (in place without
-    autograd); the bias must still be added once, and mixed rows must agree with it, in both grad modes."""
+    autograd), or without autograd merges it into the weight when the input is long (``merge_pays``); the bias
+    must still be added once, and mixed rows must agree with it, in both grad modes and on both sides of the
+    merge threshold."""
     from models.registry import ADAPTERS
     from models.stacked import build_stack
 
@@ -141,7 +144,11 @@ def test_linear_with_bias_uniform_and_mixed_rows(type_, grad):
     (g,) = stack.groups
     g.flat = torch.randn(g.flat.shape) * 0.3
     lin = model[0]
-    x = torch.randn(4, 5, 12)
+    merges = []
+    to_lora = g.atype.to_lora
+    monkeypatch.setattr(g.atype, "to_lora", lambda *a: merges.append(1) or to_lora(*a))
+    x = torch.randn(4, length, 12)
+    assert merge_pays(4 * length, 12, 10) == (length == 5)
     with torch.set_grad_enabled(grad):
         plain = lin.base(x)
         stack.route(torch.full((4,), 1))
@@ -154,3 +161,43 @@ def test_linear_with_bias_uniform_and_mixed_rows(type_, grad):
     torch.testing.assert_close(mixed[0::2], expect[0::2], atol=1e-5, rtol=1e-5)
     assert (mixed[1] - expect[1]).abs().max() > 1e-3  # row 1 uses task 0: a different change
     assert (uniform - plain).abs().max() > 1e-3
+    assert bool(merges) == (length == 5 and not grad)  # merged only without autograd, above the threshold
+
+
+def test_decode_steps_reuse_gathered_rows_until_params_or_routing_change():
+    """Without autograd, one-token-per-row forwards (decode steps) keep each module's gathered per-row parameters
+    for the next step; a change of the parameters (in place or a new tensor) or of the routing regathers."""
+    from models.registry import ADAPTERS
+    from models.stacked import build_stack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10))
+    model.requires_grad_(False)
+    spec = AdapterSpec(rank=3, alpha=6, target_modules=["0"])
+    stack = build_stack(model, [("g", spec, ADAPTERS["lora"], [0, 1, 2])], 3)
+    (g,) = stack.groups
+    g.flat = torch.randn(g.flat.shape) * 0.3
+    lin, ids = model[0], torch.tensor([0, 1, 2, 0])
+    x = torch.randn(4, 1, 12)
+
+    def fresh():
+        stack.route(ids)  # a new routing starts with nothing kept
+        return lin(x)
+
+    with torch.no_grad():
+        y1 = fresh()
+        kept = stack.routing_for(g, x.device).gathered["0"][2]
+        torch.testing.assert_close(lin(x), y1)
+        assert stack.routing_for(g, x.device).gathered["0"][2] is kept  # reused, not regathered
+        g.flat.mul_(2)  # in place, as an optimiser step
+        y2 = lin(x)
+        assert (y2 - y1).abs().max() > 1e-3
+        torch.testing.assert_close(y2, fresh())
+        g.flat = g.flat * 0.5  # a new tensor, as set_params
+        torch.testing.assert_close(lin(x), y1)
+        stack.route(ids)
+        lin(torch.randn(4, 3, 12))  # a prefill (3 tokens per row): nothing kept
+        assert not stack.routing_for(g, x.device).gathered
+    stack.route(ids)
+    lin(x)  # autograd on: nothing kept
+    assert not stack.routing_for(g, x.device).gathered
