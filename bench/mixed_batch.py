@@ -254,7 +254,8 @@ def main() -> None:
     args.counts = [int(x) for x in args.counts.split(",")]
     torch.set_num_threads(args.threads)
     malloc = "retained (models/allocator.py)" if retain_freed_memory() else "system default"
-    res = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+    env = "BORAHUB_SYSTEM_MALLOC=1 " if malloc == "system default" else ""
+    res = {"command": env + "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'})",
            "threads": args.threads, "malloc": malloc, "date": dt.date.today().isoformat(), "reps": args.reps,
            "forward": forward_part(args)}
