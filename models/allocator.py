@@ -12,7 +12,6 @@ library code never calls this; the CLI and the benchmarks do (``BORAHUB_SYSTEM_M
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
@@ -24,10 +23,8 @@ def retain_freed_memory() -> bool:
     applied: False on a non-glibc C library or when BORAHUB_SYSTEM_MALLOC=1 asks for the default behaviour."""
     if os.environ.get("BORAHUB_SYSTEM_MALLOC", "") not in ("", "0"):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc's soname; no library search at start-up
     except (OSError, AttributeError, TypeError):
         return False  # not glibc (musl, macOS, Windows): their allocators are left as they are
     global applied
