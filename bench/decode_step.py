@@ -22,10 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mixed_batch import random_adapters  # noqa: E402  (bench/ is this script's own folder on sys.path)
 from models.allocator import retain_freed_memory  # noqa: E402
 from models.base import load_base  # noqa: E402
-from models.multitask import MultiTaskModel  # noqa: E402
-from tasks.schema import ALL_PROJECTIONS, AdapterSpec  # noqa: E402
 
 
 def main() -> None:
@@ -39,14 +38,9 @@ def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     torch.set_num_threads(args.threads)
     malloc = "retained" if retain_freed_memory() else "system default"
-    spec = AdapterSpec(rank=8, alpha=16, target_modules=list(ALL_PROJECTIONS))
-    lm, tok = load_base("smollm2-135m")
-    mtm = MultiTaskModel(lm, tok, "smollm2-135m", [(f"t{i}", spec) for i in range(max(counts))])
-    g = mtm.groups[0]
-    flat = 0.02 * torch.randn(g.flat.shape, generator=torch.Generator().manual_seed(0))
-    mtm.set_params({g.key: (flat[:-1], flat[-1])})
+    mtm = random_adapters(max(counts), rank=8, seed=0)
     base, _ = load_base("smollm2-135m")
-    ids = torch.randint(100, lm.config.vocab_size, (args.rows, 1), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(100, base.config.vocab_size, (args.rows, 1), generator=torch.Generator().manual_seed(1))
     budget = mtm.stack.gather_cache_bytes
 
     def ours(u: int, reuse: bool):

@@ -48,17 +48,23 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
-def build(n_adapters: int, rank: int, seed: int):
-    """Our model with n random adapters, a PEFT model with the same adapters, and a plain base copy."""
-    from peft import LoraConfig, get_peft_model
-
+def random_adapters(n_adapters: int, rank: int, seed: int) -> MultiTaskModel:
+    """Our model on the embedded SmolLM2-135M with n random rank-r LoRA adapters on every projection."""
     spec = AdapterSpec(rank=rank, alpha=2 * rank, target_modules=list(ALL_PROJECTIONS))
     lm, tok = load_base("smollm2-135m")
     mtm = MultiTaskModel(lm, tok, "smollm2-135m", [(f"t{i}", spec) for i in range(n_adapters)])
     g = mtm.groups[0]
     flat = 0.02 * torch.randn(g.flat.shape, generator=torch.Generator().manual_seed(seed))
     mtm.set_params({g.key: (flat[:-1], flat[-1])})
+    return mtm
 
+
+def build(n_adapters: int, rank: int, seed: int):
+    """Our model with n random adapters, a PEFT model with the same adapters, and a plain base copy."""
+    from peft import LoraConfig, get_peft_model
+
+    mtm = random_adapters(n_adapters, rank, seed)
+    g = mtm.groups[0]
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(ALL_PROJECTIONS), lora_dropout=0.0,
                      init_lora_weights=False)
     pm = get_peft_model(load_base("smollm2-135m")[0], cfg, adapter_name="t0")
