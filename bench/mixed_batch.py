@@ -35,7 +35,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import batched_gemm  # noqa: E402
 from models.allocator import retain_freed_memory  # noqa: E402
 from models.base import load_base  # noqa: E402
 from models.multitask import MultiTaskModel  # noqa: E402
@@ -201,7 +200,7 @@ def write_md(res: dict, path: Path) -> None:
         "# Mixed-task batches: cost per adapter count", "",
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}; torch threads: {res['threads']}; freed memory: {res['malloc']}; "
-        f"mixed prefill rows: {res.get('per_row_gemm', 'gather + bmm')}; date: {res['date']}", "",
+        f"date: {res['date']}", "",
         f"One forward of {f['rows']} rows x {f['tokens']} tokens on SmolLM2-135M (logits for every token), "
         f"rank-{f['rank']} LoRA on {', '.join(f['targets'])}; rows spread round-robin over N adapters. "
         f"Medians of {res['reps']} interleaved repetitions (wall clock; ratios of the minima and of CPU-time medians "
@@ -233,9 +232,7 @@ def write_md(res: dict, path: Path) -> None:
               f"torch.profiler, one forward each, base vs ours with {f['profile_adapters']} adapters: the ops whose "
               "self CPU time grows most, as a share of the base forward's total. The frozen matmuls of the adapted "
               "modules run as `addmm_` in ours (accumulating into the adapters' change) and as `mm` in the base, so "
-              "those two lines move together; mixed rows' adapter products are MKL calls, labelled "
-              "`borahub::sgemm_batch`. "
-              "One profiled forward each, as noisy as any single run.", "",
+              "those two lines move together; one profiled forward each, as noisy as any single run.", "",
               "| op | calls base / ours | base s | ours s | extra / base total |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['op']} | {r['calls_base']} / {r['calls_ours']} | {r['base_s']:.3f} | {r['ours_s']:.3f} | "
               f"{r['extra_share_of_base']:+.3f} |" for r in f["extra_ops"]]
@@ -264,12 +261,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     malloc = "retained (models/allocator.py)" if retain_freed_memory() else "system default"
     env = "BORAHUB_SYSTEM_MALLOC=1 " if malloc == "system default" else ""
-    per_row = "MKL pointer-array batched GEMM (models/batched_gemm.py)" if batched_gemm.available() else "gather + bmm"
-    env += "BORAHUB_NO_MKL_BATCH=1 " if os.environ.get("BORAHUB_NO_MKL_BATCH") == "1" else ""
     res = {"command": env + "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'})",
-           "threads": args.threads, "malloc": malloc, "per_row_gemm": per_row,
-           "date": dt.date.today().isoformat(), "reps": args.reps,
+           "threads": args.threads, "malloc": malloc, "date": dt.date.today().isoformat(), "reps": args.reps,
            "forward": forward_part(args)}
     if not args.skip_generation:
         res["generation"] = generation_part(args)

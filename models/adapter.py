@@ -3,10 +3,6 @@
 An adapter type describes the per-task parameters of ONE wrapped Linear and how they change its output.
 The stacked layer (models/stacked.py) owns storage and routing: parameters of all tasks of a group live
 on a leading slot axis, and a forward receives them already gathered per batch row.
-
-Optional: ``delta_slots(x, p, slots, frozen, spec)`` with p the stacked parameters (S, *shape) and slots (N,)
-computes the unblended change without that gather, or returns None to fall back to ``delta`` (LoRA does, through
-models/batched_gemm.py).
 """
 from __future__ import annotations
 

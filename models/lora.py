@@ -7,7 +7,6 @@ from torch import Tensor, nn
 
 from tasks.schema import AdapterSpec
 
-from . import batched_gemm
 from .adapter import kaiming_uniform, project_in, project_out
 
 
@@ -26,9 +25,6 @@ class LoRA:
 
     def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen, spec: AdapterSpec) -> Tensor:
         return project_out(project_in(x, p["A"]), p["B"], w, spec.alpha / spec.rank)
-
-    def delta_slots(self, x: Tensor, p: dict[str, Tensor], slots: Tensor, frozen, spec: AdapterSpec) -> Tensor | None:
-        return batched_gemm.lora_rows(x, p["A"], p["B"], slots, spec.alpha / spec.rank)
 
     def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen, spec: AdapterSpec) -> Tensor:
         return F.linear(F.linear(x, p["A"]) * (spec.alpha / spec.rank), p["B"])

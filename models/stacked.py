@@ -4,10 +4,8 @@ Per group, all task parameters live in one flat tensor ``flat`` of shape (S, D):
 last slot for the global Theta, each slot the concatenation of that task's parameters over all wrapped
 modules. A forward receives per-row routing (global task ids, or top-k ids with weights); each group
 maps it to its own slots once per forward, and every wrapped Linear gathers the rows' parameters and
-applies them with batched matmuls (at inference, LoRA rows of several tokens skip the gather: MKL's
-pointer-array GEMM reads each row's adapter in place, models/batched_gemm.py). There is no Python loop
-over tasks, and the frozen weights are never touched, so a batch that mixes or blends tasks runs in one
-pass, in training and inference alike.
+applies them with batched matmuls. There is no Python loop over tasks, and the frozen weights are
+never touched, so a batch that mixes or blends tasks runs in one pass, in training and inference alike.
 At inference, a long input whose rows all use one adapter (a prompt's prefill) runs that adapter merged
 into a temporary copy of the weight instead: one GEMM, as in the base model.
 """
@@ -203,9 +201,7 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The groups' output changes first (plain matmuls when every row uses the same parameters, else each
-        row's parameters gathered into batched matmuls, or read in place by the adapter type's ``delta_slots``
-        where it has one: unblended rows of several tokens without autograd), then the frozen product
-        accumulated into their sum.
+        row's parameters gathered into batched matmuls), then the frozen product accumulated into their sum.
 
         Without autograd, a group whose rows all use one adapter is merged into the weight instead when that
         is cheaper (``merge_pays``: long inputs such as a prompt's prefill): W + s B A costs one small matmul
@@ -226,13 +222,8 @@ class StackedLinear(nn.Module):
                 d = g.atype.delta_one(x, one, frozen, g.spec)
             else:
                 x3 = x if x.dim() == 3 else x.unsqueeze(1)
-                d = None  # decode steps (1 token per row) keep gathering: they reuse the gathered rows (faster)
-                if r.weights is None and x3.shape[1] > 1 and hasattr(g.atype, "delta_slots"):
-                    d = g.atype.delta_slots(x3, g.params(self.name), r.slots[:, 0], frozen, g.spec)
-                if d is None:
-                    rows = self._stack.gather(g, self.name, r, x3.shape[1])
-                    d = g.atype.delta(x3, rows, r.weights, frozen, g.spec)
-                d = d.view(*x.shape[:-1], -1)
+                rows = self._stack.gather(g, self.name, r, x3.shape[1])
+                d = g.atype.delta(x3, rows, r.weights, frozen, g.spec).view(*x.shape[:-1], -1)
             y = d if y is None else y + d
         if y is None:
             return F.linear(x, W, self.base.bias)
