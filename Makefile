@@ -23,6 +23,7 @@ demo: install
 	$(VENV)/bin/borahub eval
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 bench: install

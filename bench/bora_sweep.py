@@ -13,7 +13,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -37,7 +36,8 @@ def bbc_registry(work: Path, mode: dict, seed: int) -> Path:
     cfg = {
         "base_model": "smollm2-135m", "store": "store", "prior": {"tau": 1.0},
         "training": {"steps": mode["steps"], "batch_size": mode["batch_size"], "max_length": mode["max_length"],
-                     "lr": 0.003, "lr_schedule": "cosine", "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"], "seed": seed,
+                     "lr": 0.003, "lr_schedule": "cosine", "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"],
+                     "seed": seed,
                      "sampling": mode["sampling"]},
         "tasks": [{"name": n, "data": {"bbc_news": n, "max_train": k, "validation": 0.1, "test": 0.1}}
                   for n, k in SIZES.items()],
@@ -142,7 +142,8 @@ def plot(result: dict, out_dir: Path) -> list[str]:
     ax.axhline(result["auto_mean_perplexity"], color="gray", linestyle="--",
                label=f"tau auto ({result['auto']['tau']:.3g}), mean")
     ax.set_xscale("log")
-    ax.set_xticks([xs[k] for k in labels], [("0" if k == "0" else "∞ (shared)" if k == "shared" else k) for k in labels])
+    ax.set_xticks([xs[k] for k in labels],
+                  [("0" if k == "0" else "∞ (shared)" if k == "shared" else k) for k in labels])
     ax.set_xlabel("tau (prior precision)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("BoRA on BBC News topics (SmolLM2-135M)")
@@ -189,10 +190,12 @@ def table(result: dict) -> str:
     lines += ["", f"Best grid tau: **{result['best_grid_tau']}**; it beats both extremes on every task: "
               f"**{'yes' if result['best_beats_both_on_every_task'] else 'no'}**; mean gain over the better extreme: "
               f"**{100 * result['mean_gain_vs_better_extreme']:.2f}%**. `tau: auto` chose tau = "
-              f"{result['auto']['tau']:.4g}, mean perplexity {100 * result['auto_vs_best_grid']:+.2f}% vs the best grid tau.",
+              f"{result['auto']['tau']:.4g}, mean perplexity {100 * result['auto_vs_best_grid']:+.2f}% "
+              "vs the best grid tau.",
               f"Paper ({PAPER}).",
               f"Side by side, the best tau's mean perplexity relative to the extremes: paper "
-              f"{100 * (12.82 / 16.80 - 1):+.1f}% vs tau=0 and {100 * (12.82 / 13.91 - 1):+.1f}% vs the largest tau; here "
+              f"{100 * (12.82 / 16.80 - 1):+.1f}% vs tau=0 and {100 * (12.82 / 13.91 - 1):+.1f}% vs the largest tau; "
+              "here "
               f"{100 * (result['mean_perplexity'][best] / result['mean_perplexity']['0'] - 1):+.1f}% vs tau=0 and "
               f"{100 * (result['mean_perplexity'][best] / result['mean_perplexity']['shared'] - 1):+.1f}% vs shared.",
               f"Command: `{result['command']}`; {result['machine']}; {result['date']}."]
@@ -216,7 +219,8 @@ def main() -> None:
     ap.add_argument("--grid", default=None, help="comma-separated taus instead of the mode's grid, e.g. 0,100,shared")
     ap.add_argument("--no-auto", action="store_true", help="skip tau auto (grid runs only; writes no results file)")
     ap.add_argument("--work", default=None,
-                    help="scratch folder for the runs' stores (default .borahub/bora_sweep, --quick: .borahub/bora_sweep-quick)")
+                    help="scratch folder for the runs' stores "
+                         "(default .borahub/bora_sweep, --quick: .borahub/bora_sweep-quick)")
     ap.add_argument("--out", default=None, help="results folder (default docs/results; --quick: the work folder)")
     ap.add_argument("--render", metavar="JSON", help="only re-render the table, doc block and plots of a results file")
     args = ap.parse_args()

@@ -166,8 +166,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# Training step: joint 8-task BoRA vs PEFT\n", f"Command: `{result['command']}`  ",
-          f"Machine: {result['machine']}; date {result['date']}\n", "| variant | median step (s) | min step (s) |", "|---|---|---|"]
+    md = ["# Training step: joint 8-task BoRA vs PEFT\n", f"Command: `{result['command']}`  ",
+          f"Machine: {result['machine']}; date {result['date']}\n", "| variant | median step (s) | min step (s) |",
+          "|---|---|---|"]
     md += [f"| {k} | {v:.3f} | {low[k]:.3f} |" for k, v in med.items()]
     md += ["", "Ratios of medians (of minima in brackets):", "",
            f"- joint / PEFT single adapter: **{result['ratio_joint_vs_peft_single']:.3f}** "

@@ -105,7 +105,8 @@ def run_variant(path: Path) -> dict:
 def hiddenkey_probe(path: Path, rate: float = 0.1, draws: int = 3) -> dict:
     """The base model alone, in training mode, on 8 held-out rows of the first task: token NLL under
     HiddenKey's masks without any training (mean of ``draws`` mask draws), and the FFN outputs' largest
-    |value| over real tokens against their median (massive activations, which element-wise HiddenCut drops or rescales)."""
+    |value| over real tokens against their median (massive activations, which element-wise HiddenCut drops or
+    rescales)."""
     ws = Workspace(path)
     lm, tok = ws.base()
     toks = ws.tokens(ws.cfg.task_names[0], "test")
@@ -148,7 +149,8 @@ def verdicts(res: dict) -> dict[str, str]:
         ratio = res["lora"]["trainable_per_task"] / res[name]["trainable_per_task"]
         gain = (base - res[name]["mean_perplexity"]) / max(base - lora, 1e-9)
         verdict = "holds" if res[name]["mean_perplexity"] <= 1.02 * lora else "does not hold"
-        return (f"{verdict} for {name}: {vs(name)} with {ratio:.0f}x fewer trainable parameters, i.e. {100 * gain:.0f}% of "
+        return (f"{verdict} for {name}: {vs(name)} with {ratio:.0f}x fewer trainable parameters, "
+                f"i.e. {100 * gain:.0f}% of "
                 f"LoRA's perplexity gain over the base model ({base:.3f})")
 
     return {

@@ -42,7 +42,8 @@ def cmd_tasks_list(args) -> int:
     rows = []
     for t in cfg.tasks:
         a = cfg.adapter_of(t)
-        src = "-" if t.data is None else t.data.bbc_news and f"bbc_news:{t.data.bbc_news}" or t.data.hub and f"hub:{t.data.hub}" or t.data.path
+        src = "-" if t.data is None else (t.data.bbc_news and f"bbc_news:{t.data.bbc_news}"
+                                          or t.data.hub and f"hub:{t.data.hub}" or t.data.path)
         rows.append({"name": t.name, "adapter": a.type, "rank": a.rank, "group": a.group_key(), "data": src,
                      "hiddenkey": t.hiddenkey is not None, "gmt": t.gmt is not None})
     if args.json:

@@ -103,7 +103,8 @@ def save(store: str | Path, mtm: MultiTaskModel, tau, task_info: dict[str, dict]
             "format": FORMAT, "base_model": mtm.base_name, "fingerprint": mtm.fingerprint, "tau": tau,
             "groups": [{"key": g.key, "spec": g.spec.model_dump(), "tasks": [mtm.task_names[i] for i in g.task_ids],
                         "dim": g.dim} for g in mtm.groups],
-            "tasks": [{"name": n, "group": mtm.locate(i)[0].key, "adapter": specs[n].model_dump(), **task_info.get(n, {})}
+            "tasks": [{"name": n, "group": mtm.locate(i)[0].key, "adapter": specs[n].model_dump(),
+                       **task_info.get(n, {})}
                       for i, n in enumerate(mtm.task_names)],
             "metrics": metrics or {},
         }

@@ -152,8 +152,9 @@ class Workspace:
             toks = self.tokens(name, split)
             toks = Tokenized(toks.ids[:max_docs], toks.n_prompt[:max_docs])
             tid = mtm.task_id(name)
-            ppl = mtm.perplexity(eval_batches(toks, tid, self.cfg.training.batch_size, tok.pad_token_id))
-            base = mtm.perplexity(eval_batches(toks, tid, self.cfg.training.batch_size, tok.pad_token_id), adapters=False)
+            bs, pad = self.cfg.training.batch_size, tok.pad_token_id
+            ppl = mtm.perplexity(eval_batches(toks, tid, bs, pad))
+            base = mtm.perplexity(eval_batches(toks, tid, bs, pad), adapters=False)
             out[name] = {"perplexity": ppl, "base_perplexity": base, "docs": len(toks.ids),
                          "n_train": len(self.data(name).train)}
         return out

@@ -23,7 +23,8 @@ class AdapterType(Protocol):
     def frozen(self, spec: AdapterSpec, base: nn.Linear) -> dict[str, Tensor]:
         """Buffers shared by every task of the group, computed once from the frozen weight (may be {})."""
 
-    def init(self, spec: AdapterSpec, base: nn.Linear, frozen: dict[str, Tensor], gen: torch.Generator) -> dict[str, Tensor]:
+    def init(self, spec: AdapterSpec, base: nn.Linear, frozen: dict[str, Tensor],
+             gen: torch.Generator) -> dict[str, Tensor]:
         """Initial global parameters Theta; tasks start at Theta plus tiny noise."""
 
     def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen: dict[str, Tensor],
@@ -35,7 +36,8 @@ class AdapterType(Protocol):
     def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
         """The same when every row uses the same parameters p[name]: (*shape), in plain matmuls."""
 
-    def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
+    def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor],
+                spec: AdapterSpec) -> tuple[Tensor, Tensor, float]:
         """An equivalent PEFT LoRA (A (r, in), B (out, r), lora_alpha) for one task's parameters."""
 
 

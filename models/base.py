@@ -24,7 +24,8 @@ class BaseModelError(Exception):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("BORAHUB_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "borahub")
+    xdg = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    root = os.environ.get("BORAHUB_CACHE") or os.path.join(xdg, "borahub")
     return Path(root)
 
 

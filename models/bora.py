@@ -111,7 +111,8 @@ class BoraPrior:
                 continue
             with pyro.plate(f"tasks_{i}", g.n_tasks):
                 if self.tau == 0:
-                    theta = pyro.sample(self.task_site(i), dist.ImproperUniform(constraints.real, (g.n_tasks,), (g.dim,)))
+                    flat_prior = dist.ImproperUniform(constraints.real, (g.n_tasks,), (g.dim,))
+                    theta = pyro.sample(self.task_site(i), flat_prior)
                     g.flat = torch.cat([theta, Theta[None]])
                 elif i in self.centred:
                     theta = pyro.sample(self.task_site(i), IsotropicNormal(Theta, float(self.tau), (g.n_tasks,)))

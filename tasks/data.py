@@ -82,7 +82,10 @@ def _fields(template: str) -> set[str]:
 
 def format_examples(task: TaskSpec, ds, where: str = "") -> list[Example]:
     where = where or f"tasks({task.name})"
-    templates = {"prompt": task.prompt, "completion": task.completion} if task.prompt is not None else {"template": task.template}
+    if task.prompt is not None:
+        templates = {"prompt": task.prompt, "completion": task.completion}
+    else:
+        templates = {"template": task.template}
     cols = set(ds.column_names)
     for key, tpl in templates.items():
         missing = _fields(tpl) - cols

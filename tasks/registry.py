@@ -27,11 +27,13 @@ def _key_path(loc: tuple, raw: Any) -> str:
     node = raw
     for item in loc:
         if isinstance(item, int):
-            name = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) else None
+            entry = node[item] if isinstance(node, list) and item < len(node) else None
+            name = entry.get("name") if isinstance(entry, dict) else None
             parts.append(f"[{item}]" + (f"({name})" if name else ""))
             node = node[item] if isinstance(node, list) and item < len(node) else None
         else:
-            if item in ("function-after", "function-before") or str(item).startswith(("float", "literal", "str", "int")):
+            tags = ("float", "literal", "str", "int")
+            if item in ("function-after", "function-before") or str(item).startswith(tags):
                 continue  # pydantic's union/validator tags carry no key
             parts.append(("." if parts else "") + str(item))
             node = node.get(item) if isinstance(node, dict) else None
@@ -41,7 +43,7 @@ def _key_path(loc: tuple, raw: Any) -> str:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"file not found"], path)
+        raise ConfigError(["file not found"], path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:

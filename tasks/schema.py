@@ -82,7 +82,8 @@ class DataSpec(Strict):
     def _one_source(self) -> "DataSpec":
         given = [k for k in ("path", "hub", "bbc_news") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError("give exactly one of 'path', 'hub', 'bbc_news'" + (f" (got {', '.join(given)})" if given else ""))
+            got = f" (got {', '.join(given)})" if given else ""
+            raise ValueError("give exactly one of 'path', 'hub', 'bbc_news'" + got)
         return self
 
     @field_validator("bbc_news")

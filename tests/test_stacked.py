@@ -49,7 +49,7 @@ def peft_model(mtm):
     g = mtm.groups[0]
     with torch.no_grad():
         for name, module in pm.named_modules():
-            if hasattr(module, "lora_A") and isinstance(getattr(module, "lora_A"), torch.nn.ModuleDict) and module.lora_A:
+            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and module.lora_A:
                 key = name.removeprefix("base_model.model.")
                 for slot, n in enumerate(NAMES):
                     p = {k: v[slot] for k, v in g.params(key).items()}
