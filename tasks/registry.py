@@ -40,16 +40,21 @@ def _key_path(loc: tuple, raw: Any) -> str:
     return "".join(parts) or "<root>"
 
 
-def read_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path):
+    """The parsed YAML document of a file; a missing file or bad YAML is a ConfigError naming where."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(["file not found"], path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"not valid YAML{where}: {getattr(e, 'problem', None) or e}"], path) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    raw = load_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -111,12 +116,7 @@ def add_tasks(config_path: str | Path, fragment_path: str | Path,
     """
     config_path, fragment_path = Path(config_path), Path(fragment_path)
     raw = read_yaml(config_path)
-    if not fragment_path.is_file():
-        raise ConfigError(["file not found"], fragment_path)
-    try:
-        frag = yaml.safe_load(fragment_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError([f"not valid YAML: {getattr(e, 'problem', None) or e}"], fragment_path) from None
+    frag = load_yaml(fragment_path)
     new = frag.get("tasks") if isinstance(frag, dict) and "tasks" in frag else frag
     if isinstance(new, dict):
         new = [new]

@@ -76,6 +76,15 @@ def test_not_yaml_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "not valid YAML at line" in err and len(err.strip().splitlines()) == 1
 
 
+def test_fragment_not_yaml_is_a_one_line_error_naming_it(tiny_registry, capsys):
+    before = tiny_registry.read_text()
+    frag = tiny_registry.parent / "frag.yaml"
+    frag.write_text("tasks:\n  - {name: x\n")
+    code, _, err = run(capsys, "--config", str(tiny_registry), "tasks", "add", str(frag))
+    assert code == 2 and "frag.yaml" in err and "not valid YAML at line" in err and len(err.strip().splitlines()) == 1
+    assert tiny_registry.read_text() == before
+
+
 def test_tasks_add_registers_or_writes_nothing(tiny_registry, capsys):
     root = tiny_registry.parent
     frag = root / "new.yaml"
