@@ -27,10 +27,9 @@ def _key_path(loc: tuple, raw: Any) -> str:
     node = raw
     for item in loc:
         if isinstance(item, int):
-            entry = node[item] if isinstance(node, list) and item < len(node) else None
-            name = entry.get("name") if isinstance(entry, dict) else None
-            parts.append(f"[{item}]" + (f"({name})" if name else ""))
             node = node[item] if isinstance(node, list) and item < len(node) else None
+            name = node.get("name") if isinstance(node, dict) else None
+            parts.append(f"[{item}]" + (f"({name})" if name else ""))
         else:
             tags = ("float", "literal", "str", "int")
             if item in ("function-after", "function-before") or str(item).startswith(tags):
