@@ -101,6 +101,8 @@ def cmd_export(args) -> int:
     if args.task not in mtm.task_names:
         raise store.StoreError(f"export: unknown task {args.task!r} (stored: {', '.join(mtm.task_names)})")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise store.StoreError(f"--out {out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise store.StoreError(f"--out {out}: folder is not empty (use --force to overwrite)")
     store.write_peft(mtm, mtm.task_id(args.task), out)
@@ -116,12 +118,39 @@ def _table(rows: list[dict], cols: list[str]) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="borahub", description="Multi-task adapter hub with a BoRA prior.")
-    p.add_argument("--config", default="tasks.yaml", help="task registry (default: ./tasks.yaml)")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`borahub: error: ...`, exit 2) instead of usage + error."""
 
-    tasks = sub.add_parser("tasks", help="the task registry").add_subparsers(dest="tasks_command", required=True)
+    def error(self, message: str):
+        self.exit(USER_ERROR, f"borahub: error: {self.prog.removeprefix('borahub ')}: {message} (see --help)\n")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {value!r})")
+    return n
+
+
+def _config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --config after the command too (`borahub tasks validate --config x.yaml`), as users type it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--config", default=argparse.SUPPRESS, help="task registry (default: ./tasks.yaml)")
+                _config_everywhere(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="borahub", description="Multi-task adapter hub with a BoRA prior.")
+    p.add_argument("--config", default="tasks.yaml", help="task registry (default: ./tasks.yaml)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tasks = sub.add_parser("tasks", help="the task registry").add_subparsers(dest="tasks_command", required=True,
+                                                                             parser_class=_Parser)
     tasks.add_parser("validate", help="check tasks.yaml; list every error").set_defaults(func=cmd_tasks_validate)
     tl = tasks.add_parser("list", help="registered tasks")
     tl.add_argument("--json", action="store_true")
@@ -132,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train task adapters jointly under the BoRA prior")
     tr.add_argument("--tasks", help="comma-separated subset to train; the others and Theta stay frozen")
-    tr.add_argument("--steps", type=int, help="optimiser steps (default: training.steps)")
+    tr.add_argument("--steps", type=_positive_int, help="optimiser steps (default: training.steps)")
     tr.add_argument("--tau", type=_tau_arg, help="prior precision: a number >= 0, 'shared' or 'auto'")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -141,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out perplexity per task")
     ev.add_argument("--tasks")
     ev.add_argument("--split", choices=["test", "validation"], default="test")
-    ev.add_argument("--max-docs", type=int, help="documents per task (default: training.eval_docs)")
+    ev.add_argument("--max-docs", type=_positive_int, help="documents per task (default: training.eval_docs)")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
@@ -155,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     # command modules: each adds its subcommands with add_commands(sub)
     importlib.import_module("hub.remote_cli").add_commands(sub)
     importlib.import_module("hub.router_cli").add_commands(sub)
+    _config_everywhere(p)
     return p
 
 
@@ -175,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"borahub: error: {e.source}: {line}", file=sys.stderr)
         else:
             print(f"borahub: error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except OSError as e:  # the file system refused (permissions, a full disk): say where, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"borahub: error: {where}{e.strerror or e}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         print("borahub: interrupted", file=sys.stderr)

@@ -162,6 +162,9 @@ class Engine:
             raise RouterError(f"got {len(routes)} routes for {len(prompts)} prompts")
         lm, tok = self.mtm.lm, self.tok
         limit = getattr(lm.config, "max_position_embeddings", None)
+        if limit is not None and max_new_tokens >= limit:
+            raise RouterError(f"max_new_tokens {max_new_tokens}: the model's context holds {limit} tokens, "
+                              "prompt included; ask for fewer")
         budget = self.max_input_tokens if limit is None else max(1, min(self.max_input_tokens, limit - max_new_tokens))
         encoded = [self._encode(p, chat, budget, f"prompt {i + 1}") for i, p in enumerate(prompts)]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

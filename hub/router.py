@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from torch import Tensor, nn
 
 from models.multitask import MultiTaskModel
 from models.stacked import GLOBAL
+from tasks.atomic import atomic_path, atomic_write_text
 
 ROUTER_JSON, ROUTER_WEIGHTS = "router.json", "router.safetensors"
 FORMAT = 1
@@ -210,6 +209,20 @@ class Router:
     def __init__(self, tasks: list[str], tensors: dict[str, Tensor], meta: dict):
         self.tasks, self.t, self.meta = list(tasks), tensors, meta
 
+    def check(self) -> None:
+        """Raise ValueError unless the tensors and settings have the shapes routing relies on."""
+        T, D = len(self.tasks), self.t["mean"].numel()
+        want = {"mean": (D,), "std": (D,), "W": (T, D), "b": (T,), "centroids": (T, D), "prior": (T,)}
+        for k, shape in want.items():
+            if tuple(self.t[k].shape) != shape:
+                raise ValueError(f"tensor {k} has shape {tuple(self.t[k].shape)}, expected {shape}")
+        th = self.meta["thresholds"]
+        numbers = [self.meta["temperature"], th["ood"], th["confidence"]]
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers) or \
+                not isinstance(self.meta["layer"], int) or not isinstance(self.meta["max_tokens"], int) or \
+                not isinstance(self.meta["config"]["batch_size"], int) or self.meta["config"]["batch_size"] < 1:
+            raise ValueError("layer, max_tokens, temperature, thresholds or batch_size malformed")
+
     @property
     def layer(self) -> int:
         return self.meta["layer"]
@@ -295,23 +308,11 @@ class Router:
     def save(self, store: str | Path) -> None:
         """Write router.safetensors, then router.json naming its SHA-256; each file atomically."""
         store = Path(store)
-        store.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{ROUTER_WEIGHTS}.", dir=store)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in self.t.items()}, tmp)
-            digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-            os.replace(tmp, store / ROUTER_WEIGHTS)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(store / ROUTER_WEIGHTS) as tmp:
+            save_file({k: v.contiguous() for k, v in self.t.items()}, str(tmp))
+            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
         meta = {"format": FORMAT, "tasks": self.tasks, **self.meta, "weights_sha256": digest}
-        fd, tmp = tempfile.mkstemp(prefix=f".{ROUTER_JSON}.", dir=store)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2)
-            os.replace(tmp, store / ROUTER_JSON)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write_text(store / ROUTER_JSON, json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, store: str | Path, mtm: MultiTaskModel) -> "Router":
@@ -333,18 +334,26 @@ class Router:
             tensors = load_file(str(wpath))
         except (SafetensorError, OSError, ValueError) as e:
             raise RouterError(f"{wpath}: corrupt safetensors file ({e}); run `borahub router fit`") from None
-        fp = meta.get("fingerprint", {})
-        if {k: fp.get(k) for k in ("config_hash", "weights_hash")} != \
+        fp = meta.get("fingerprint")
+        if not isinstance(fp, dict) or {k: fp.get(k) for k in ("config_hash", "weights_hash")} != \
                 {k: mtm.fingerprint.get(k) for k in ("config_hash", "weights_hash")}:
             raise RouterError(f"{jpath}: the router was fitted on another base model; run `borahub router fit`")
-        missing = [n for n in meta["tasks"] if n not in mtm.task_names]
+        tasks = meta.pop("tasks", None)
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(n, str) for n in tasks):
+            raise RouterError(f"{jpath}: malformed (\"tasks\" is not a list of names); run `borahub router fit`")
+        missing = [n for n in tasks if n not in mtm.task_names]
         if missing:
             raise RouterError(f"{jpath}: the router routes to task(s) the hub lacks ({', '.join(missing)}); "
                               "run `borahub router fit`")
-        tasks = meta.pop("tasks")
         for k in ("format", "weights_sha256"):
             meta.pop(k)
-        return cls(tasks, tensors, meta)
+        try:
+            router = cls(tasks, tensors, meta)
+            router.check()
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise RouterError(f"{jpath}: malformed router ({type(e).__name__}: {str(e)[:100]}); "
+                              "run `borahub router fit`") from None
+        return router
 
 
 def fit(mtm: MultiTaskModel, train: dict[str, list[str]], validation: dict[str, list[str]],

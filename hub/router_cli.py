@@ -85,16 +85,20 @@ def _routing(args) -> dict:
 
 
 def cmd_route(args) -> int:
+    from tasks.atomic import atomic_write_text
+
+    from .router import RouterError
+
     _warnings_to_stderr()
     lines, texts, tasks = _inputs(args)
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).resolve().parent.is_dir()):
+        raise RouterError(f"--out {args.out}: not a file in an existing folder")
     routes = _engine(args).route(texts, task=tasks, **_routing(args))
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    try:
-        for n, r in zip(lines, routes):
-            out.write(json.dumps({"input": n, **r.to_json()}) + "\n")
-    finally:
-        if args.out:
-            out.close()
+    text = "".join(json.dumps({"input": n, **r.to_json()}) + "\n" for n, r in zip(lines, routes))
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -149,6 +153,9 @@ def _checked(convert, ok, wanted: str):
 
 
 _positive = _checked(int, lambda n: n >= 1, "an integer >= 1")
+_new_tokens = _checked(int, lambda n: 1 <= n <= 1_000_000, "an integer in [1, 1000000]")
+_temperature = _checked(float, lambda x: 0 < x < 1e6, "a number > 0")
+_seed = _checked(int, lambda n: 0 <= n < 2**31, "an integer in [0, 2^31)")
 _fraction = _checked(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 _count = _checked(int, lambda n: n >= 0, "an integer >= 0")
 
@@ -177,11 +184,12 @@ def add_commands(sub) -> None:
 
     ge = sub.add_parser("generate", help="routed generation; rows of one batch may use different tasks")
     _routing_args(ge)
-    ge.add_argument("--max-new-tokens", type=_positive, default=64)
+    ge.add_argument("--max-new-tokens", type=_new_tokens, default=64,
+                    help="at most this many tokens per prompt (default 64; prompt + new tokens must fit the model)")
     ge.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    ge.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
-    ge.add_argument("--top-p", type=float, default=0.9, help="with --sample (default 0.9)")
-    ge.add_argument("--seed", type=int, help="seed for --sample")
+    ge.add_argument("--temperature", type=_temperature, default=0.7, help="with --sample (default 0.7)")
+    ge.add_argument("--top-p", type=_fraction, default=0.9, help="with --sample (default 0.9)")
+    ge.add_argument("--seed", type=_seed, help="seed for --sample")
     ge.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
     ge.add_argument("--json", action="store_true", help="one JSON object per prompt")
     ge.set_defaults(func=cmd_generate)

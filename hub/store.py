@@ -1,19 +1,20 @@
 """The local store: one folder per task in PEFT's LoRA layout, plus the hub state at the root.
 
-    <store>/hub.json                      base model + fingerprint, tau, groups, tasks, metrics
+    <store>/hub.json                      marker, base model + fingerprint, tau, groups, tasks, metrics, and
+                                          the size + SHA-256 of every file below (hub/store_check.py)
     <store>/global.safetensors            Theta of every group (native parameters)
     <store>/<task>/adapter_config.json    PEFT LoRA config       } loads with PeftModel.from_pretrained
     <store>/<task>/adapter_model.safetensors                      }
     <store>/<task>/native.safetensors     the task's native parameters (to continue training)
+    <store>/router.json, router.safetensors   the router (hub/router.py), written after the save
 
-A save builds the whole store in a temporary folder and swaps it in, so a store is never half-written.
+A save builds the whole store in a temporary folder and swaps it in atomically (tasks/atomic.py), so the
+store path always holds a whole store, the old or the new one. It replaces only an empty folder or a store
+(never a folder of the user's), and refuses non-finite weights.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,15 +24,16 @@ from safetensors.torch import load_file, save_file
 from models.base import hub_id, load_base
 from models.multitask import MultiTaskModel
 from models.stacked import Group
+from tasks.atomic import recover, write_dir
 from tasks.schema import AdapterSpec
 
-HUB_FILE, GLOBAL_FILE, NATIVE_FILE = "hub.json", "global.safetensors", "native.safetensors"
+from .store_check import FORMAT, HUB_FILE, MARKER, StoreError, check_target, file_record, parse_state, verify_files
+
+GLOBAL_FILE, NATIVE_FILE = "global.safetensors", "native.safetensors"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-FORMAT = 1
-
-
-class StoreError(Exception):
-    """The store is missing, corrupt, or does not fit the base model (user-facing)."""
+__all__ = ["StoreError", "HUB_FILE", "GLOBAL_FILE", "NATIVE_FILE", "PEFT_CONFIG", "PEFT_WEIGHTS", "save", "load",
+           "read_state", "load_into", "read_params", "build", "write_peft", "peft_tensors", "check_fingerprint",
+           "checkpoint_dir"]
 
 
 def checkpoint_dir(store: str | Path) -> Path:
@@ -84,13 +86,23 @@ def write_peft(mtm: MultiTaskModel, task_id: int, out: Path) -> None:
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
+def check_finite(mtm: MultiTaskModel) -> None:
+    """Refuse to store NaN or inf weights (a diverged run must not replace a good store)."""
+    for g in mtm.groups:
+        if not bool(torch.isfinite(g.flat).all()):
+            raise StoreError(f"adapter group {g.key}: weights are NaN or inf (training diverged); "
+                             "the stored hub was left as it was: lower training.lr")
+
+
 def save(store: str | Path, mtm: MultiTaskModel, tau, task_info: dict[str, dict], specs: dict[str, AdapterSpec],
          metrics: dict | None = None) -> None:
-    """Write the whole store (every task of ``mtm``) atomically."""
+    """Write the whole store (every task of ``mtm``) atomically; only over nothing, an empty folder or a store."""
     store = Path(store)
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{store.name}.", dir=store.parent))
-    try:
+    check_finite(mtm)
+    recover(store)
+    check_target(store)
+
+    def build(tmp: Path) -> None:
         theta_global = {}
         for gi, g in enumerate(mtm.groups):
             theta_global.update({f"{gi}/{k}": v for k, v in _native(g, g.flat[-1].detach().cpu()).items()})
@@ -100,45 +112,56 @@ def save(store: str | Path, mtm: MultiTaskModel, tau, task_info: dict[str, dict]
             write_peft(mtm, tid, tmp / name)
             save_file(_native(g, g.flat[slot].detach().cpu()), str(tmp / name / NATIVE_FILE))
         state = {
-            "format": FORMAT, "base_model": mtm.base_name, "fingerprint": mtm.fingerprint, "tau": tau,
+            **MARKER, "format": FORMAT, "base_model": mtm.base_name, "fingerprint": mtm.fingerprint, "tau": tau,
             "groups": [{"key": g.key, "spec": g.spec.model_dump(), "tasks": [mtm.task_names[i] for i in g.task_ids],
                         "dim": g.dim} for g in mtm.groups],
             "tasks": [{"name": n, "group": mtm.locate(i)[0].key, "adapter": specs[n].model_dump(),
                        **task_info.get(n, {})}
                       for i, n in enumerate(mtm.task_names)],
             "metrics": metrics or {},
+            "files": file_record(tmp),
         }
         (tmp / HUB_FILE).write_text(json.dumps(state, indent=2))
-        old = store.parent / f".{store.name}.old"
-        if store.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(store, old)
-        os.replace(tmp, store)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir(store, build)
 
 
-def read_state(store: str | Path) -> dict:
-    path = Path(store) / HUB_FILE
+def read_state(store: str | Path, verify: bool = True) -> dict:
+    """The store's hub.json, checked (shape, names, and with ``verify`` every file's size and SHA-256)."""
+    store = Path(store)
+    recover(store)
+    path = store / HUB_FILE
     if not path.is_file():
         raise StoreError(f"{store}: no trained hub here (missing {HUB_FILE}); run `borahub train` first")
     try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e})") from None
-    if state.get("format") != FORMAT:
-        raise StoreError(f"{path}: unsupported store format {state.get('format')!r}")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read ({e.strerror or e})") from None
+    state = parse_state(raw, str(path))
+    if verify:
+        verify_files(store, state, str(path))
     return state
+
+
+def update_state(store: str | Path, **changes) -> None:
+    """Rewrite hub.json with ``changes`` (its file list is unchanged: hub.json is not in it)."""
+    from tasks.atomic import atomic_write_text
+
+    state = read_state(store, verify=False)
+    atomic_write_text(Path(store) / HUB_FILE, json.dumps({**state, **changes}, indent=2))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise StoreError(f"{path}: missing")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise StoreError(f"{path}: corrupt safetensors file ({e})") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise StoreError(f"{path}: tensor {bad[0]} holds NaN or inf")
+    return tensors
 
 
 def check_fingerprint(expected: dict, actual: dict, where: str) -> None:
@@ -151,7 +174,11 @@ def check_fingerprint(expected: dict, actual: dict, where: str) -> None:
 
 def build(state: dict, lm, tok) -> MultiTaskModel:
     """An untrained MultiTaskModel with the store's tasks and groups (no weights loaded)."""
-    specs = [(t["name"], AdapterSpec.model_validate(t["adapter"])) for t in state["tasks"]]
+    try:
+        specs = [(t["name"], AdapterSpec.model_validate(t["adapter"])) for t in state["tasks"]]
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        detail = str(e).splitlines()[-1].strip()
+        raise StoreError(f"{HUB_FILE}: a task's adapter spec is malformed ({detail})") from None
     return MultiTaskModel(lm, tok, state["base_model"], specs)
 
 

