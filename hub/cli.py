@@ -200,11 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         from tasks.registry import ConfigError
 
-        if isinstance(e, ConfigError):
-            for line in e.errors:
-                print(f"borahub: error: {e.source}: {line}", file=sys.stderr)
-        else:
-            print(f"borahub: error: {e}", file=sys.stderr)
+        lines = [f"{e.source}: {line}" for line in e.errors] if isinstance(e, ConfigError) else [str(e)]
+        for line in lines:  # one line each, whatever the message quotes (a name with a newline...)
+            print("borahub: error: " + line.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return USER_ERROR
     except OSError as e:  # the file system refused (permissions, a full disk): say where, no traceback
         where = f"{e.filename}: " if e.filename else ""

@@ -12,11 +12,23 @@ GLOBAL_NAME = "_global"
 MODES = ("select", "blend", "fallback")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each message (it may be replaced after setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _warnings_to_stderr() -> None:
     """Engine warnings (truncation, replaced bytes) as one `borahub: warning:` line each."""
     log = logging.getLogger("borahub")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("borahub: warning: %(message)s"))
         log.addHandler(handler)
         log.propagate = False

@@ -53,9 +53,18 @@ def _read_txt_folder(folder: Path):
     return Dataset.from_dict({"text": texts, "file": [p.name for p in files]})
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of the innermost cause (datasets wraps the parser's error in a generic one)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+
+
 def load_source(spec: DataSpec, base_dir: str | Path, where: str = "data"):
     """Return a `datasets.Dataset` with the source's raw columns."""
+    import datasets
     from datasets import load_dataset
+
 
     if spec.bbc_news:
         return _read_txt_folder(bbc_news_folder() / spec.bbc_news)
@@ -63,17 +72,23 @@ def load_source(spec: DataSpec, base_dir: str | Path, where: str = "data"):
         try:
             return load_dataset(spec.hub, spec.subset, split=spec.split)
         except Exception as e:  # noqa: BLE001 - any loader failure is a user-facing data error
-            raise ConfigError([f"{where}.hub: cannot load dataset {spec.hub!r}: {str(e).splitlines()[0]}"]) from None
+            raise ConfigError([f"{where}.hub: cannot load dataset {spec.hub!r}: {_first_line(e)}"]) from None
     path = Path(base_dir) / spec.path
     if path.is_dir():
         return _read_txt_folder(path)
     fmt = FILE_FORMATS.get(path.suffix.lower())
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError([f"{where}.path: {spec.path} is empty"])
     if fmt is None:
         raise ConfigError([f"{where}.path: unsupported file type {path.suffix!r} (use {', '.join(FILE_FORMATS)})"])
+    level = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # a bad file is reported once, by us
     try:
         return load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001
-        raise ConfigError([f"{where}.path: cannot read {spec.path}: {str(e).splitlines()[0]}"]) from None
+        raise ConfigError([f"{where}.path: cannot read {spec.path}: {_first_line(e)}"]) from None
+    finally:
+        datasets.utils.logging.set_verbosity(level)
 
 
 def _fields(template: str) -> set[str]:

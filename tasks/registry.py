@@ -141,10 +141,10 @@ def validate(raw: dict, base_dir: str | Path, adapter_types: Collection[str] | N
 def _store_placement(cfg: HubConfig, base_dir: Path) -> list[str]:
     """A store is replaced wholesale by every save, so it must never hold the registry or any data file."""
     store = base_dir / cfg.store
+    if is_within(base_dir, store):  # (then its data files too, as a rule: one line says it)
+        return [f"store: {cfg.store!r} would contain the registry's folder; "
+                "use a folder of its own (default: .borahub/store)"]
     errors = []
-    if is_within(base_dir, store):
-        errors.append(f"store: {cfg.store!r} would contain the registry's folder; "
-                      "use a folder of its own (default: .borahub/store)")
     for t in cfg.tasks:
         if t.data is not None and t.data.path is not None and is_within(base_dir / t.data.path, store):
             errors.append(f"tasks({t.name}).data.path: {t.data.path!r} lies inside the store {cfg.store!r}, "

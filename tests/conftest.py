@@ -109,3 +109,50 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -- the local Hub server (tests/hubserver.py), shared by the push/pull test modules ----------------------
+TOKEN = "hf_test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The Hub server as the default endpoint; online mode, a private download cache, a token for the CLI."""
+    from huggingface_hub import constants
+
+    from hubserver import HubServer, use_as_default_endpoint
+
+    hub = HubServer()
+    with hub as url, use_as_default_endpoint(url), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+        mp.setenv("HF_TOKEN", TOKEN)
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=server.url, token=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory, tiny_model_dir) -> Path:
+    """A trained tiny hub (3 tasks): its tasks.yaml."""
+    from hub.workspace import Workspace
+
+    cfg = write_tiny_registry(tmp_path_factory.mktemp("origin"), tiny_model_dir)
+    Workspace(cfg).train(progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pushed(server, origin):
+    """The origin hub pushed to main of a fresh repo and tagged v1: (repo_id, PushResult)."""
+    import uuid
+
+    from hub import remote
+
+    repo_id = f"tester/hub-{uuid.uuid4().hex[:8]}"
+    return repo_id, remote.push(origin, repo_id, tag="v1", token=TOKEN, endpoint=server.url)

@@ -18,47 +18,14 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from safetensors.torch import load_file
 
-from conftest import tiny_lm, tiny_tokenizer, write_tiny_registry
+from conftest import TOKEN, tiny_lm, tiny_tokenizer, write_tiny_registry
 from hub import remote, store
 from hub.card import build_card
 from hub.cli import main
 from hub.errors import RemoteError
 from hub.workspace import Workspace
-from hubserver import HubServer, use_as_default_endpoint
 
-TOKEN = "hf_test"
 REAL_TOKEN, REAL_REPO = os.environ.get("HF_TOKEN"), os.environ.get("BORAHUB_TEST_REPO")  # read before any patching
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The Hub server as the default endpoint; online mode, a private download cache, a token for the CLI."""
-    hub = HubServer()
-    with hub as url, use_as_default_endpoint(url), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(constants, "HF_HUB_OFFLINE", False)
-        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
-        mp.setenv("HF_TOKEN", TOKEN)
-        yield hub
-
-
-@pytest.fixture(scope="module")
-def api(server):
-    return HfApi(endpoint=server.url, token=TOKEN)
-
-
-@pytest.fixture(scope="module")
-def origin(tmp_path_factory, tiny_model_dir) -> Path:
-    """A trained tiny hub (3 tasks): its tasks.yaml."""
-    cfg = write_tiny_registry(tmp_path_factory.mktemp("origin"), tiny_model_dir)
-    Workspace(cfg).train(progress=False)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def pushed(server, origin):
-    """The origin hub pushed to main of a fresh repo and tagged v1: (repo_id, PushResult)."""
-    repo_id = f"tester/hub-{uuid.uuid4().hex[:8]}"
-    return repo_id, remote.push(origin, repo_id, tag="v1", token=TOKEN, endpoint=server.url)
 
 
 def registry(root: Path, model_dir: Path) -> Path:
