@@ -27,7 +27,7 @@ from safetensors import safe_open
 from models.base import hub_id
 from models.multitask import MultiTaskModel
 from tasks.atomic import UnsafePath, inside
-from tasks.schema import task_name_error
+from tasks.schema import TaskName
 
 from . import store
 from .errors import RemoteError
@@ -63,17 +63,9 @@ class _GroupEntry(BaseModel):
 
 
 class _TaskEntry(BaseModel, extra="allow"):
-    name: str
+    name: TaskName
     group: str
     spec: dict
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        error = task_name_error(v)
-        if error:
-            raise ValueError(error)
-        return v
 
 
 class Manifest(BaseModel):

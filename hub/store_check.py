@@ -12,10 +12,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.atomic import UnsafePath, inside
-from tasks.schema import task_name_error
+from tasks.schema import TaskName
 
 HUB_FILE = "hub.json"
 MARKER = {"borahub": "store"}
@@ -40,17 +40,9 @@ class _Group(BaseModel, extra="allow"):
 
 
 class _Task(BaseModel, extra="allow"):
-    name: str
+    name: TaskName
     group: str
     adapter: dict
-
-    @field_validator("name")
-    @classmethod
-    def _safe(cls, v: str) -> str:
-        error = task_name_error(v)
-        if error:
-            raise ValueError(error)
-        return v
 
 
 class StoreState(BaseModel):

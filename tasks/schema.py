@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a folder name in the store: checked with fullmatch
 # Names of the store's and a Hub repo's own files: a task (a folder of the store) must not take them.
@@ -29,6 +29,17 @@ def task_name_error(v) -> str | None:
     if v.lower() in RESERVED_NAMES:
         return f"task name {v!r} is reserved (a file of the store or of a Hub repo)"
     return None
+
+
+def _task_name(v: str) -> str:
+    error = task_name_error(v)
+    if error:
+        raise ValueError(error)
+    return v
+
+
+# A task name wherever one is read (tasks.yaml, a store's hub.json, a pulled manifest): it names a folder.
+TaskName = Annotated[str, AfterValidator(_task_name)]
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -128,7 +139,7 @@ class DataSpec(Strict):
 
 
 class TaskSpec(Strict):
-    name: str
+    name: TaskName
     description: str = ""
     data: DataSpec | None = None  # None: an inference-only task (e.g. pulled from the Hub)
     # Plain language modelling: the loss covers the whole formatted text.
@@ -139,14 +150,6 @@ class TaskSpec(Strict):
     adapter: AdapterSpec | None = None  # None: the registry's default adapter
     hiddenkey: HiddenKeySpec | None = None
     gmt: GMTSpec | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        error = task_name_error(v)
-        if error:
-            raise ValueError(error)
-        return v
 
     @model_validator(mode="after")
     def _pair(self) -> "TaskSpec":
