@@ -141,7 +141,7 @@ class Trainer:
             nll += self.prior.last_nll / self.grad_accum
             tokens += self.prior.last_tokens
         if not (math.isfinite(nll) and bool(torch.isfinite(loss.detach()))):
-            raise DivergedError(f"training diverged at step {self.step + 1}: the loss is {float(loss):g} "
+            raise DivergedError(f"training diverged at step {self.step + 1}: the loss is {float(loss.detach()):g} "
                                 f"(NLL {nll:g}); the stored hub was left as it was: lower training.lr")
         for hook in self.grad_hooks:
             hook(self.named_params)

@@ -19,11 +19,13 @@ FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "p
 class Example:
     prompt: str  # "" for plain language modelling
     completion: str  # the text the loss covers
+    raw: str | None = None  # what a user sends: the input field(s) the prompt template wraps
 
     @property
     def router_text(self) -> str:
-        """What a user would send at inference: the prompt, or the text itself."""
-        return self.prompt or self.completion
+        """What a user would send at inference, as the router is fitted on and applied to: the raw input
+        the prompt template wraps (not the formatted prompt), or the text itself for language modelling."""
+        return self.raw if self.raw is not None else self.prompt or self.completion
 
 
 @dataclass
@@ -91,8 +93,18 @@ def load_source(spec: DataSpec, base_dir: str | Path, where: str = "data"):
         datasets.utils.logging.set_verbosity(level)
 
 
+def _field_list(template: str) -> list[str]:
+    """The template's fields in order of first use."""
+    return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
+
+
 def _fields(template: str) -> set[str]:
-    return {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    return set(_field_list(template))
+
+
+def raw_input(prompt_template: str, row: dict) -> str:
+    """The user's part of a prompt: the values of the template's fields (one per line when several)."""
+    return "\n".join(str(row[f]) for f in _field_list(prompt_template))
 
 
 def format_examples(task: TaskSpec, ds, where: str = "") -> list[Example]:
@@ -111,7 +123,8 @@ def format_examples(task: TaskSpec, ds, where: str = "") -> list[Example]:
     for row in ds:
         row = {k: ("" if v is None else v) for k, v in row.items()}
         if task.prompt is not None:
-            out.append(Example(task.prompt.format(**row), task.completion.format(**row)))
+            out.append(Example(task.prompt.format(**row), task.completion.format(**row),
+                               raw_input(task.prompt, row)))
         else:
             out.append(Example("", task.template.format(**row)))
     return [e for e in out if e.completion.strip()]

@@ -177,3 +177,34 @@ def test_cli_constants_match_the_router():
     from hub import router_cli
 
     assert router_cli.MODES == R.MODES and router_cli.GLOBAL_NAME == R.GLOBAL_NAME
+
+
+def test_a_prompt_template_hub_routes_the_raw_requests(tmp_path, tiny_model_dir):
+    """The router is fitted on what users send (the field the template wraps), not on the formatted prompt,
+    so plain requests reach their task in the default mode."""
+    import random
+
+    import yaml
+
+    rng = random.Random(0)
+    cfg = write_tiny_registry(tmp_path, tiny_model_dir)
+    raw = yaml.safe_load(cfg.read_text())
+    for t in raw["tasks"]:
+        words = TOPICS[t["name"]].split()
+        rows = [{"question": " ".join(rng.sample(words, 6)), "answer": t["name"]} for _ in range(30)]
+        (tmp_path / f"{t['name']}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        t.update(prompt="Customer says : {question} \n Intent :", completion=" {answer}")
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    ws = Workspace(cfg)
+    questions = {json.loads(line)["question"] for line in (tmp_path / "cooking.jsonl").read_text().splitlines()}
+    assert all(e.router_text in questions for e in ws.data("cooking").train)
+    ws.train(progress=False)
+    from hub.engine import Engine
+
+    engine = Engine.from_workspace(cfg)
+    requests = {n: [" ".join(rng.sample(TOPICS[n].split(), 6)) for _ in range(5)] for n in TOPICS}
+    routes = engine.route([x for n in TOPICS for x in requests[n]])  # default mode: fallback
+    want = [n for n in TOPICS for _ in range(5)]
+    assert all(r.task in (w, R.GLOBAL_NAME) for r, w in zip(routes, want))  # never a wrong task
+    # fitted on the formatted prompts (before), most of these fell back as out of distribution
+    assert sum(r.task == w for r, w in zip(routes, want)) >= 13, [r.reason for r in routes]
