@@ -126,15 +126,15 @@ def main() -> None:
     for t, q in zip(y_te.tolist(), pred.tolist()):
         conf[t, q] += 1
     ood_te = router.ood_scores(e_te)
-    fb_te = router.decide(p_te, ood_te, "fallback")
+    fb_te = router.decide(p_te, ood_te, "fallback", energy=router.energy(e_te))
     kept = torch.tensor([not r.fallback for r in fb_te])
     heads = [x.split("\n")[0] for x in x_te]  # BBC headlines: short inputs of the right topics
     e_head = R.embed(mtm, heads, router.layer, router.max_tokens)
     p_head = router.probs(e_head)
-    fb_head = router.decide(p_head, router.ood_scores(e_head), "fallback")
+    fb_head = router.decide(p_head, router.ood_scores(e_head), "fallback", energy=router.energy(e_head))
     e_ood = R.embed(mtm, ood_texts, router.layer, router.max_tokens)
     s_ood = router.ood_scores(e_ood)
-    fb_ood = router.decide(router.probs(e_ood), s_ood, "fallback")
+    fb_ood = router.decide(router.probs(e_ood), s_ood, "fallback", energy=router.energy(e_ood))
 
     # Calibration: thresholds set on validation, checked on test.
     x_va, y_va = flat(val, tasks)
@@ -246,10 +246,10 @@ def write_md(res: dict, path: Path) -> None:
               "its topic: the OOD score separates long from short inputs at least as much as in- from out-of-"
               "distribution ones.", "",
               "## Calibration (thresholds set on the validation split at fit time)", "",
-              f"Validation: {va['inputs']} inputs, accuracy {va['accuracy']:.3f}. Confidence threshold "
-              f"{th['confidence']:.3f} (target accuracy {r['config']['target_accuracy']}); "
-              f"OOD threshold {th['ood']:.3f} "
-              f"({r['config']['ood_quantile']} quantile).", "",
+              f"Validation: {va['inputs']} inputs, accuracy {va['accuracy']:.3f}. Fallback budget "
+              f"{r['config']['fallback_budget']:.0%} ({va['false_fallback']:.1%} used): energy threshold "
+              f"{th['energy']:.3f}, distance threshold {th['ood']:.3f}. The sweep below is the previous policy "
+              "(a max-p threshold for a target accuracy), kept for comparison.", "",
               "| target accuracy | threshold | unsure (val) | unsure (test) | accuracy kept (test) |",
               "|---:|---:|---:|---:|---:|"]
     for s in cal["confidence_sweep"]:

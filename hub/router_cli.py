@@ -138,13 +138,16 @@ def cmd_router_fit(args) -> int:
     ws = Workspace(args.config)
     mtm, _ = ws.trained_model()
     cfg = RouterConfig(bayes_docs=args.bayes_docs, target_accuracy=args.target_accuracy,
-                       ood_quantile=args.ood_quantile)
+                       fallback_budget=args.fallback_budget)
     r = fit_and_save(ws, mtm, cfg, progress=not args.quiet)
     c, t = r.meta["calibration"], r.thresholds
     print(f"router: {len(r.tasks)} tasks, embeddings after layer {r.layer}/{mtm.lm.config.num_hidden_layers}; "
-          f"{c['split']} accuracy {c['accuracy']:.3f} on {c['inputs']} inputs")
-    print(f"thresholds: confidence {t['confidence']:.3f} ({c['unsure_rate']:.1%} unsure), "
-          f"ood {t['ood']:.3f} ({c['ood_rate']:.1%} out of distribution)"
+          f"{c['split']} accuracy {c['accuracy']:.3f} on {c['inputs']} inputs (select mode)")
+    kept = "n/a" if c["kept_accuracy"] is None else f"{c['kept_accuracy']:.3f}"
+    print(f"fallback mode on {c['split']}: {c['false_fallback']:.1%} sent to {GLOBAL_NAME} (budget "
+          f"{c['budget']:.0%}: {c['ood_rate']:.1%} unlike every task, {c['unsure_rate']:.1%} unsure), "
+          f"accuracy on the rest {kept}")
+    print(f"thresholds: distance {t['ood']:.3f}, energy {t['energy']:.3f}"
           + (f", bayes {t['bayes']:.3f} (accuracy {c['bayes']['accuracy']:.3f} on {c['bayes']['inputs']})"
              if t["bayes"] is not None else ""))
     print(f"wrote {ws.store}/router.json and router.safetensors")
@@ -169,6 +172,7 @@ _new_tokens = _checked(int, lambda n: 1 <= n <= 1_000_000, "an integer in [1, 10
 _temperature = _checked(float, lambda x: 0 < x < 1e6, "a number > 0")
 _seed = _checked(int, lambda n: 0 <= n < 2**31, "an integer in [0, 2^31)")
 _fraction = _checked(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+_budget = _checked(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
 _count = _checked(int, lambda n: n >= 0, "an integer >= 0")
 
 
@@ -210,9 +214,10 @@ def add_commands(sub) -> None:
     fi = rf.add_parser("fit", help="fit the router on the tasks' data and calibrate it on their validation split")
     fi.add_argument("--bayes-docs", type=_count, default=0,
                     help="validation inputs per task to calibrate --bayes routing (each costs one forward per task)")
+    fi.add_argument("--fallback-budget", type=_budget, default=0.05,
+                    help="share of in-distribution validation inputs that --mode fallback may send to the global "
+                         "adapter (default 0.05)")
     fi.add_argument("--target-accuracy", type=_fraction, default=0.97,
-                    help="routing accuracy required above the confidence threshold (default 0.97)")
-    fi.add_argument("--ood-quantile", type=_fraction, default=0.99,
-                    help="share of validation inputs the OOD threshold keeps (default 0.99)")
+                    help="with --bayes-docs: routing accuracy required above the Bayesian confidence threshold")
     fi.add_argument("--quiet", action="store_true", help="no progress bar")
     fi.set_defaults(func=cmd_router_fit)

@@ -22,6 +22,26 @@ def hub_cfg(tmp_path_factory, tiny_model_dir):
     return cfg
 
 
+@pytest.mark.parametrize("budget", [0.02, 0.05, 0.1])
+def test_fallback_thresholds_keep_the_budget_on_fresh_inputs(budget):
+    """Thresholds set on one sample of in-distribution scores send at most ``budget`` of it to Theta, and
+    about ``budget`` of a fresh sample from the same distribution (within 4 binomial standard errors)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def scores(n):  # correlated distance and energy, as in practice
+        a = torch.randn(n, generator=gen)
+        return a + 0.5 * torch.randn(n, generator=gen), a + torch.randn(n, generator=gen)
+
+    dist, energy = scores(2000)
+    t_d, t_e = R.fallback_thresholds(dist, energy, budget, far_share=0.2)
+    assert int(((dist > t_d) | (energy > t_e)).sum()) <= math.floor(budget * 2000 + 1e-9)
+    assert int((dist > t_d).sum()) <= math.floor(0.2 * budget * 2000 + 1e-9)
+    fresh_d, fresh_e = scores(20000)
+    rate = float(((fresh_d > t_d) | (fresh_e > t_e)).float().mean())
+    se = math.sqrt(budget * (1 - budget) / 2000) + math.sqrt(budget * (1 - budget) / 20000)
+    assert abs(rate - budget) < 4 * se, (rate, budget)
+
+
 def test_confidence_threshold_is_the_smallest_meeting_the_target():
     maxp = torch.tensor([0.6, 0.9, 0.7, 0.8, 0.5])
     correct = torch.tensor([True, True, False, True, False])
@@ -41,13 +61,14 @@ def test_train_fits_a_router_calibrated_on_validation(hub_cfg):
     texts = [t for n in router.tasks for t in val[n]]
     y = torch.tensor([i for i, n in enumerate(router.tasks) for _ in val[n]])
     e = R.embed(mtm, texts, router.layer, router.max_tokens)
-    ood = router.ood_scores(e)
-    assert router.thresholds["ood"] == pytest.approx(float(torch.quantile(ood, 0.99)), rel=1e-5)
-    maxp, pred = router.probs(e).max(1)
-    kept = maxp >= router.thresholds["confidence"]
-    assert kept.any() and (pred[kept] == y[kept]).float().mean() >= 0.97
+    ood, energy = router.ood_scores(e), router.energy(e)
+    assert router.thresholds["ood"] == pytest.approx(float(ood.max()))  # 9 inputs: 1% of them is none
+    fell_back = (ood > router.thresholds["ood"]) | (energy > router.thresholds["energy"])
     cal = router.meta["calibration"]
-    assert cal["split"] == "validation" and cal["inputs"] == len(texts)
+    assert cal["split"] == "validation" and cal["inputs"] == len(texts) and cal["budget"] == 0.05
+    assert cal["false_fallback"] == pytest.approx(float(fell_back.float().mean())) and cal["false_fallback"] <= 0.05
+    pred = router.probs(e).argmax(1)
+    assert cal["accuracy"] == pytest.approx(float((pred == y).float().mean()))
     # Held-out test inputs go to their own task.
     test = [(n, e.router_text) for n in router.tasks for e in ws.data(n).test]
     routes = router.route(mtm, [t for _, t in test], mode="select")
@@ -58,14 +79,14 @@ def test_modes_select_blend_fallback(hub_cfg):
     ws = Workspace(hub_cfg)
     mtm, _ = ws.trained_model()
     router = R.Router.load(ws.store, mtm)
-    router.meta["thresholds"] = {"confidence": 0.6, "ood": 1.0, "bayes": None}
+    router.meta["thresholds"] = {"energy": -2.0, "ood": 1.0, "bayes": None}
     p = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
-    ood = torch.tensor([0.5, 0.5, 2.0])
-    sel = router.decide(p, ood, "select")
+    ood, energy = torch.tensor([0.5, 0.5, 2.0]), torch.tensor([-3.0, -1.0, -3.0])
+    sel = router.decide(p, ood, "select", energy=energy)
     assert [r.weights for r in sel] == [{"cooking": 1.0}, {"cooking": 1.0}, {"sport": 1.0}]
-    blend = router.decide(p, ood, "blend", top_k=2)
+    blend = router.decide(p, ood, "blend", top_k=2, energy=energy)
     assert blend[1].weights == pytest.approx({"cooking": 0.625, "finance": 0.375})
-    fb = router.decide(p, ood, "fallback")
+    fb = router.decide(p, ood, "fallback", energy=energy)
     assert [(r.task, r.fallback, r.reason) for r in fb] == [
         ("cooking", False, "select"), (R.GLOBAL_NAME, True, "unsure"), (R.GLOBAL_NAME, True, "ood")]
     # An uncalibrated Bayesian scorer has no unsure threshold: only OOD inputs fall back.
