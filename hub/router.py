@@ -65,7 +65,7 @@ class RouterConfig:
 
     depth: float = 0.25  # share of decoder layers run: 2 points below the last layer on BBC News, ~3x cheaper
     max_tokens: int = 64  # the router reads a prompt's first 64 tokens (a headline and a sentence or two)
-    max_docs: int = 1000  # training inputs per task for the fit: HWU64 scenarios gain 0.5-2 points from 200 to ~500 (router_study.md)
+    max_docs: int = 1000  # inputs per task for the fit: HWU64 gains 0.5-2 points from 200 to ~500 (router_study.md)
     l2: float = 1e-3  # ridge on the standardised weights; BBC validation accuracy is flat in 1e-4..3e-3
     fallback_budget: float = 0.05  # share of in-distribution (validation) inputs the fallback mode may send to Theta
     far_share: float = 0.2  # of that budget, for the distance test (1% of inputs); the rest for the energy score
