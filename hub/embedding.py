@@ -1,0 +1,90 @@
+"""Prompt embeddings for routing (the frozen base model, stopped after a layer) and per-task log-likelihoods
+for the Bayesian scorer."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.multitask import MultiTaskModel
+
+from .route import RouterError
+
+class _Stop(Exception):
+    def __init__(self, hidden: Tensor):
+        self.hidden = hidden
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (the ModuleList as long as ``config.num_hidden_layers``)."""
+    n = lm.config.num_hidden_layers
+    for m in lm.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise RouterError(f"cannot find the {n} decoder layers of {type(lm).__name__} to embed prompts")
+
+
+def layer_for(lm: nn.Module, depth: float) -> int:
+    n = lm.config.num_hidden_layers
+    return min(n, max(1, round(depth * n)))
+
+
+@torch.no_grad()
+def embed(mtm: MultiTaskModel, texts: list[str], layer: int, max_tokens: int, batch_size: int = 16,
+          progress=None) -> Tensor:
+    """Mean hidden state after decoder layer ``layer`` over each text's first ``max_tokens`` tokens,
+    from the frozen base model (adapters off), as float32 (N, hidden). The forward stops at ``layer``."""
+    tok, lm = mtm.tokenizer, mtm.lm
+    mtm.route(None)
+    out = torch.zeros(len(texts), lm.config.hidden_size)
+
+    def stop(_module, _args, output):
+        raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+    hook = decoder_layers(lm)[layer - 1].register_forward_hook(stop)
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            enc = tok([texts[i] for i in idx], truncation=True, max_length=max_tokens, padding=True,
+                      return_tensors="pt").to(mtm.device)
+            try:
+                lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                raise RouterError(f"layer {layer} of {type(lm).__name__} did not run")
+            except _Stop as s:
+                hidden = s.hidden.float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out[idx] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+            if progress is not None:
+                progress.update(len(idx))
+    finally:
+        hook.remove()
+        tok.padding_side = side
+    return out
+
+
+@torch.no_grad()
+def log_likelihoods(mtm: MultiTaskModel, texts: list[str], task_ids: Tensor, max_tokens: int,
+                    max_rows: int = 32) -> Tensor:
+    """log p(x_i | theta_c) for every prompt i and candidate c of ``task_ids`` (N, C): the rows (i, c)
+    run as mixed batches (up to ``max_rows`` rows a forward), each row routed to its own task."""
+    tok, n, c = mtm.tokenizer, task_ids.shape[0], task_ids.shape[1]
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        enc = tok(texts, truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    ids, mask = enc["input_ids"].repeat_interleave(c, 0), enc["attention_mask"].repeat_interleave(c, 0)
+    rows = task_ids.reshape(-1)
+    out = torch.zeros(n * c)
+    for s in range(0, n * c, max_rows):
+        sl = slice(s, s + max_rows)
+        mtm.route(rows[sl])
+        logits = mtm.lm(input_ids=ids[sl].to(mtm.device), attention_mask=mask[sl].to(mtm.device),
+                        use_cache=False).logits.float()
+        labels = ids[sl, 1:].to(mtm.device).masked_fill(mask[sl, 1:].to(mtm.device) == 0, -100)
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        out[sl] = -nll.sum(1).cpu()
+    mtm.route(None)
+    return out.view(n, c)
