@@ -56,13 +56,14 @@ def _temperature(logits: Tensor, y: Tensor) -> float:
 
 
 def fallback_thresholds(dist: Tensor, energy: Tensor, budget: float, far_share: float) -> tuple[float, float]:
-    """(distance threshold, energy threshold) such that at most ``budget`` of these (in-distribution) inputs
-    score above either: the distance test takes the ``far_share * budget`` most distant inputs, the energy
-    test as many of the highest-energy remaining inputs as the rest of the budget allows."""
+    """(distance threshold, energy threshold) such that a new in-distribution input falls back (scores above
+    either) with probability at most ``budget``: with n calibration inputs exchangeable with it, k of them above
+    the thresholds give it (k + 1) / (n + 1) (the conformal bound), so k <= budget (n + 1) - 1. The distance test
+    takes a ``far_share`` of those k (the most distant inputs), the energy test the highest-energy others."""
     n = len(dist)
-    allowed = math.floor(budget * n + 1e-9)
+    allowed = max(0, math.floor(budget * (n + 1) - 1 + 1e-9))
     sorted_d = dist.sort(descending=True).values
-    far_t = float(sorted_d[min(n - 1, math.floor(far_share * budget * n + 1e-9))])  # at most that many above it
+    far_t = float(sorted_d[min(n - 1, math.floor(far_share * allowed + 1e-9))])  # at most that many above it
     far = dist > far_t
     order = energy.argsort(descending=True)
     # unions[k]: inputs falling back when the k highest energies are above the threshold
