@@ -78,11 +78,13 @@ def plot_confusion(conf: list[list[int]], names: list[str], path: Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    side = max(4.4, 0.42 * len(names) + 2.0)  # room for the labels of many tasks
+    fig, ax = plt.subplots(figsize=(side + 0.8, side))
     ax.imshow(conf, cmap="Blues")
     for i, row in enumerate(conf):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > max(map(max, conf)) / 2 else "black")
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8 if len(names) > 8 else 10,
+                    color="white" if v > max(map(max, conf)) / 2 else "black")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("routed to")
