@@ -125,16 +125,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USER_ERROR, f"borahub: error: {self.prog.removeprefix('borahub ')}: {message} (see --help)\n")
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {value!r})")
-    return n
-
-
 def _config_everywhere(parser: argparse.ArgumentParser) -> None:
     """Accept --config after the command too (`borahub tasks validate --config x.yaml`), as users type it."""
     for action in parser._actions:
@@ -145,6 +135,8 @@ def _config_everywhere(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hub.router_cli import _positive  # the CLI's checked argument types live there (no torch import)
+
     p = _Parser(prog="borahub", description="Multi-task adapter hub with a BoRA prior.")
     p.add_argument("--config", default="tasks.yaml", help="task registry (default: ./tasks.yaml)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -161,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train task adapters jointly under the BoRA prior")
     tr.add_argument("--tasks", help="comma-separated subset to train; the others and Theta stay frozen")
-    tr.add_argument("--steps", type=_positive_int, help="optimiser steps (default: training.steps)")
+    tr.add_argument("--steps", type=_positive, help="optimiser steps (default: training.steps)")
     tr.add_argument("--tau", type=_tau_arg, help="prior precision: a number >= 0, 'shared' or 'auto'")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -170,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out perplexity per task")
     ev.add_argument("--tasks")
     ev.add_argument("--split", choices=["test", "validation"], default="test")
-    ev.add_argument("--max-docs", type=_positive_int, help="documents per task (default: training.eval_docs)")
+    ev.add_argument("--max-docs", type=_positive, help="documents per task (default: training.eval_docs)")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 

@@ -165,7 +165,7 @@ class Engine:
         if limit is not None and max_new_tokens >= limit:
             raise RouterError(f"max_new_tokens {max_new_tokens}: the model's context holds {limit} tokens, "
                               "prompt included; ask for fewer")
-        budget = self.max_input_tokens if limit is None else max(1, min(self.max_input_tokens, limit - max_new_tokens))
+        budget = self.max_input_tokens if limit is None else min(self.max_input_tokens, limit - max_new_tokens)
         encoded = [self._encode(p, chat, budget, f"prompt {i + 1}") for i, p in enumerate(prompts)]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         gc = lm.generation_config

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from models.base import hub_id
 from models.multitask import MultiTaskModel
-from tasks.atomic import UnsafePath, inside
+from tasks.atomic import UnsafePath, check_relative
 from tasks.schema import TaskName
 
 from . import store
@@ -43,10 +43,9 @@ RESERVED = {store.HUB_FILE, store.GLOBAL_FILE, MANIFEST, CARD, ".gitattributes"}
 
 def _safe_rel(rel: str) -> str:
     try:
-        inside("/nonexistent-root", rel, "file")
+        return check_relative(rel, "file")
     except UnsafePath as e:
         raise ValueError(str(e)) from None
-    return rel
 
 
 class _FileEntry(BaseModel):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from models.base import hub_id, load_base
 from models.multitask import MultiTaskModel
 from models.stacked import Group
-from tasks.atomic import recover, write_dir
+from tasks.atomic import atomic_write_text, recover, write_dir
 from tasks.schema import AdapterSpec
 
 from .store_check import FORMAT, HUB_FILE, MARKER, StoreError, check_target, file_record, parse_state, verify_files
@@ -32,8 +32,8 @@ from .store_check import FORMAT, HUB_FILE, MARKER, StoreError, check_target, fil
 GLOBAL_FILE, NATIVE_FILE = "global.safetensors", "native.safetensors"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 __all__ = ["StoreError", "HUB_FILE", "GLOBAL_FILE", "NATIVE_FILE", "PEFT_CONFIG", "PEFT_WEIGHTS", "save", "load",
-           "read_state", "load_into", "read_params", "build", "write_peft", "peft_tensors", "check_fingerprint",
-           "checkpoint_dir"]
+           "read_state", "add_metrics", "load_into", "read_params", "build", "write_peft", "peft_tensors",
+           "check_fingerprint", "checkpoint_dir"]
 
 
 def checkpoint_dir(store: str | Path) -> Path:
@@ -143,12 +143,11 @@ def read_state(store: str | Path, verify: bool = True) -> dict:
     return state
 
 
-def update_state(store: str | Path, **changes) -> None:
-    """Rewrite hub.json with ``changes`` (its file list is unchanged: hub.json is not in it)."""
-    from tasks.atomic import atomic_write_text
-
-    state = read_state(store, verify=False)
-    atomic_write_text(Path(store) / HUB_FILE, json.dumps({**state, **changes}, indent=2))
+def add_metrics(store: str | Path, **metrics) -> None:
+    """Add entries to hub.json's metrics (its file list is unchanged: hub.json is not in it)."""
+    state = read_state(store)
+    state["metrics"].update(metrics)
+    atomic_write_text(Path(store) / HUB_FILE, json.dumps(state, indent=2))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -80,15 +80,13 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
         for _ in range(max(0, evaluations - 1)):
             evaluate(propose({t: r["val_perplexity"] for t, r in tried.items()}, lo, hi))
         chosen = tried[min(tried, key=lambda t: tried[t]["val_perplexity"])]
-        state = store_mod.read_state(chosen["store"])
-        state["metrics"]["tau_search"] = {
+        store_mod.add_metrics(chosen["store"], tau_search={
             "method": "log10(tau) search on mean validation perplexity: golden-section start, then parabolic "
                       "interpolation; every candidate trained from scratch with the full budget",
             "range_log10": [lo, hi],
             "chosen_tau": chosen["tau"],
             "tried": [{k: v for k, v in tried[t].items() if k not in ("store", "report")} for t in tried],
-        }
-        store_mod.update_state(chosen["store"], metrics=state["metrics"])
+        })
         store_mod.check_target(final_store)
         replace_dir(chosen["store"], final_store)
         if fit_router:

@@ -33,18 +33,23 @@ class UnsafePath(ValueError):
     """A path from a file, a manifest or a request that would leave its folder."""
 
 
-def inside(root: str | Path, rel: str, what: str = "path") -> Path:
-    """``root / rel`` resolved, or UnsafePath when ``rel`` is absolute, empty, hidden, or leaves ``root``
-    (through ``..`` or a symlink)."""
+def check_relative(rel: str, what: str = "path") -> str:
+    """``rel`` itself, or UnsafePath when it is not a plain relative path: absolute, empty, hidden, ``..``."""
     if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
         raise UnsafePath(f"{what} {rel!r} is not a relative path")
     parts = rel.split("/")
     if rel.startswith("/") or os.path.isabs(rel) or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
         raise UnsafePath(f"{what} {rel!r} is not a plain relative path inside its folder")
-    root = Path(root).resolve()
-    path = (root / rel).resolve()
-    if path != root and root not in path.parents:
-        raise UnsafePath(f"{what} {rel!r} leads outside {root}")
+    return rel
+
+
+def inside(root: str | Path, rel: str, what: str = "path") -> Path:
+    """``root / rel`` resolved, or UnsafePath when ``rel`` is not a plain relative path (check_relative) or
+    leaves ``root`` through a symlink."""
+    check_relative(rel, what)
+    path = (Path(root) / rel).resolve()
+    if not is_within(path, root):
+        raise UnsafePath(f"{what} {rel!r} leads outside {Path(root).resolve()}")
     return path
 
 

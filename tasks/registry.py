@@ -90,12 +90,9 @@ def load_yaml(path: str | Path):
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"not valid YAML{where}: {getattr(e, 'problem', None) or e}"], path) from None
-    except RecursionError:
-        doc = None
-        too_deep = True
-    else:
-        too_deep = _depth(doc, MAX_DEPTH) > MAX_DEPTH
-    if too_deep:
+    except RecursionError:  # the parser recursed past Python's limit: deeper still
+        raise ConfigError([f"nested deeper than {MAX_DEPTH} levels"], path) from None
+    if _depth(doc, MAX_DEPTH) > MAX_DEPTH:
         raise ConfigError([f"nested deeper than {MAX_DEPTH} levels"], path)
     return doc
 
