@@ -108,8 +108,8 @@ def forward_part(args) -> dict:
 
     def ours(u):
         def f():
-            mtm.route(rows % u)
-            mtm.lm(input_ids=ids, attention_mask=mask, use_cache=False)
+            with mtm.routed(rows % u):
+                mtm.lm(input_ids=ids, attention_mask=mask, use_cache=False)
         return f
 
     def peft(u):
@@ -118,8 +118,8 @@ def forward_part(args) -> dict:
 
     with torch.no_grad():
         u = max(args.counts)
-        mtm.route(torch.arange(4) % u)
-        a = mtm.lm(input_ids=ids[:4], attention_mask=mask[:4]).logits
+        with mtm.routed(torch.arange(4) % u):
+            a = mtm.lm(input_ids=ids[:4], attention_mask=mask[:4]).logits
         b = pm(input_ids=ids[:4], attention_mask=mask[:4], adapter_names=[f"t{i % u}" for i in range(4)]).logits
         c = base(input_ids=ids[:4], attention_mask=mask[:4]).logits
         check = {"max_abs_diff_ours_vs_peft": float((a - b).abs().max()),

@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     # command modules: each adds its subcommands with add_commands(sub)
     importlib.import_module("hub.remote_cli").add_commands(sub)
     importlib.import_module("hub.router_cli").add_commands(sub)
+    importlib.import_module("hub.serve_cli").add_commands(sub)
     _config_everywhere(p)
     return p
 

@@ -35,7 +35,6 @@ def embed(mtm: MultiTaskModel, texts: list[str], layer: int, max_tokens: int, ba
     """Mean hidden state after decoder layer ``layer`` over each text's first ``max_tokens`` tokens,
     from the frozen base model (adapters off), as float32 (N, hidden). The forward stops at ``layer``."""
     tok, lm = mtm.tokenizer, mtm.lm
-    mtm.route(None)
     out = torch.zeros(len(texts), lm.config.hidden_size)
 
     def stop(_module, _args, output):
@@ -50,7 +49,8 @@ def embed(mtm: MultiTaskModel, texts: list[str], layer: int, max_tokens: int, ba
             enc = tok([texts[i] for i in idx], truncation=True, max_length=max_tokens, padding=True,
                       return_tensors="pt").to(mtm.device)
             try:
-                lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+                with mtm.routed(None):  # adapters off, even inside another routed forward
+                    lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
                 raise RouterError(f"layer {layer} of {type(lm).__name__} did not run")
             except _Stop as s:
                 hidden = s.hidden.float()
@@ -80,11 +80,10 @@ def log_likelihoods(mtm: MultiTaskModel, texts: list[str], task_ids: Tensor, max
     out = torch.zeros(n * c)
     for s in range(0, n * c, max_rows):
         sl = slice(s, s + max_rows)
-        mtm.route(rows[sl])
-        logits = mtm.lm(input_ids=ids[sl].to(mtm.device), attention_mask=mask[sl].to(mtm.device),
-                        use_cache=False).logits.float()
+        with mtm.routed(rows[sl]):
+            logits = mtm.lm(input_ids=ids[sl].to(mtm.device), attention_mask=mask[sl].to(mtm.device),
+                            use_cache=False).logits.float()
         labels = ids[sl, 1:].to(mtm.device).masked_fill(mask[sl, 1:].to(mtm.device) == 0, -100)
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
         out[sl] = -nll.sum(1).cpu()
-    mtm.route(None)
     return out.view(n, c)

@@ -1,9 +1,9 @@
 """Multi-task inference: route each prompt, then generate for all of them in one batch.
 
-Rows of one batch may use different tasks, blends of tasks, or the global Theta: the per-row routing
-((N, K) adapter ids and weights) is set on the stacked layers once, and every prefill and decode step
-of ``generate`` applies it row by row, with the KV cache, greedy or sampling. Prompts are left-padded;
-transformers derives positions from the attention mask, so each row generates what it would alone.
+Rows of one batch may use different tasks, blends of tasks, or the global Theta: each forward of the decode
+loop (hub/decode.py) carries the rows' routing ((N, K) adapter ids and weights), with the KV cache, greedy or
+sampling; a finished row's place goes to the next prompt. Prompts are left-padded and positions follow the
+attention mask, so each row generates what it would alone.
 
     engine = Engine.from_workspace("tasks.yaml")
     for g in engine.generate(["Shares in the bank fell...", "The striker scored twice..."], max_new_tokens=32):
@@ -21,6 +21,8 @@ from torch import Tensor
 from models.multitask import MultiTaskModel
 from models.stacked import GLOBAL
 
+from .decode import DecodeBatch, Row, Sampling
+from .prompting import Prompter
 from .router import GLOBAL_NAME, Route, Router, RouterError, global_id
 
 log = logging.getLogger("borahub")
@@ -33,10 +35,13 @@ class Generation:
     route: Route
     prompt_tokens: int  # after the chat template and any truncation
     truncated: bool = False
+    finish_reason: str = "stop"  # stop (EOS or a stop string) | length
+    completion_tokens: int = 0
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "text": self.text, **self.route.to_json(),
-                "prompt_tokens": self.prompt_tokens, "truncated": self.truncated}
+                "prompt_tokens": self.prompt_tokens, "truncated": self.truncated,
+                "finish_reason": self.finish_reason, "completion_tokens": self.completion_tokens}
 
 
 def clean_text(text, where: str) -> str:
@@ -52,7 +57,7 @@ def clean_text(text, where: str) -> str:
 
 
 def routing_tensors(routes: list[Route], mtm: MultiTaskModel) -> tuple[Tensor, Tensor]:
-    """(N, K) adapter ids and weights for ``mtm.route``; unused choices are Theta with weight 0."""
+    """(N, K) adapter ids and weights for ``mtm.routed``; unused choices are Theta with weight 0."""
     k = max(len(r.weights) for r in routes)
     ids = torch.full((len(routes), k), GLOBAL, dtype=torch.long)
     weights = torch.zeros(len(routes), k)
@@ -70,9 +75,11 @@ class Engine:
     """
 
     def __init__(self, mtm: MultiTaskModel, router: Router | None = None, max_input_tokens: int = 1024,
-                 batch_size: int = 16, router_error: RouterError | None = None):
+                 batch_size: int = 16, router_error: RouterError | None = None,
+                 templates: dict[str, str] | None = None):
         self.mtm, self.router = mtm.eval(), router
         self.tok = mtm.tokenizer
+        self.prompter = Prompter(self.tok, templates)  # task -> prompt template (train/serve parity)
         self.max_input_tokens, self.batch_size = max_input_tokens, batch_size
         self._router_error = router_error
 
@@ -88,7 +95,8 @@ class Engine:
             router, error = Router.load(ws.store, mtm), None
         except RouterError as e:
             router, error = None, e
-        return cls(mtm, router, router_error=error, **kw)
+        templates = {t.name: t.prompt for t in ws.cfg.tasks if t.prompt is not None and t.name in mtm.task_names}
+        return cls(mtm, router, router_error=error, templates=templates, **kw)
 
     @property
     def adapters(self) -> list[str]:
@@ -122,37 +130,50 @@ class Engine:
                 routes[i] = r
         return routes
 
-    def _encode(self, prompt: str, chat: bool, budget: int, where: str) -> tuple[list[int], bool]:
-        tok = self.tok
-        body = tok(prompt, add_special_tokens=False, verbose=False)["input_ids"]
-        truncated = len(body) > budget
-        if truncated:
-            log.warning("%s: %d tokens, kept the last %d", where, len(body), budget)
-            prompt = tok.decode(body[-budget:])
-        if chat and tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok(prompt)["input_ids"]
-        if not ids:  # an empty prompt without a template: start from BOS (or EOS)
-            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-            ids = [start]
-        return ids, truncated
+    def budget(self, max_new_tokens: int) -> int:
+        """Prompt tokens allowed for ``max_new_tokens`` new ones (raises when the context cannot hold them)."""
+        if max_new_tokens < 1:
+            raise RouterError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        limit = getattr(self.mtm.lm.config, "max_position_embeddings", None)
+        if limit is not None and max_new_tokens >= limit:
+            raise RouterError(f"max_new_tokens {max_new_tokens}: the model's context holds {limit} tokens, "
+                              "prompt included; ask for fewer")
+        return self.max_input_tokens if limit is None else min(self.max_input_tokens, limit - max_new_tokens)
+
+    def _encode(self, prompt: str, chat: bool, budget: int, where: str, task: str | None = None,
+                messages: list[dict] | None = None) -> tuple[list[int], bool]:
+        return self.prompter.encode(prompt, task, chat=chat, budget=budget, where=where, messages=messages)
+
+    def row(self, ids: list[int], route: Route, sampling: Sampling, on_text=None) -> Row:
+        """A decoding row for prompt ids served by ``route``'s adapters."""
+        adapter_ids = torch.tensor([global_id(n, self.mtm) for n in route.weights], dtype=torch.long)
+        return Row(ids, adapter_ids, torch.tensor(list(route.weights.values()), dtype=torch.float32), sampling, on_text)
+
+    def run(self, rows: list[Row]) -> None:
+        """Decode rows to the end, at most ``batch_size`` at once: a finished row's place goes to the next one
+        at the following step (rows of similar prompt length are admitted together)."""
+        batch, pending = DecodeBatch(self.mtm), sorted(rows, key=lambda r: len(r.ids))
+        while pending or len(batch):
+            free = self.batch_size - len(batch)
+            if free > 0 and pending:
+                batch.add(pending[:free])
+                pending = pending[free:]
+            else:
+                batch.step()
+            batch.drop(batch.finished())
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, task=None, mode: str = "fallback", top_k: int = 2,
                  scorer: str = "classifier", candidates: int | None = None, routes: list[Route] | None = None,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None, chat: bool = True) -> list[Generation]:
-        """Route (unless ``routes`` are given) and generate for every prompt; rows mix tasks freely.
+                 seed: int | None = None, chat: bool = True, stop: list[str] | None = None) -> list[Generation]:
+        """Route (unless ``routes`` are given) and generate for every prompt; rows mix tasks freely. What text
+        reaches the model: hub/prompting.py (a task's prompt template, else the chat template when ``chat``).
 
-        chat: wrap each prompt in the tokenizer's chat template when it has one.
+        seed: with ``do_sample``, every row samples from its own generator seeded with it (a row samples
+        the same tokens alone or in a batch). stop: strings that end a row (not included in its text).
         """
-        from transformers import GenerationConfig
-
-        if max_new_tokens < 1:
-            raise RouterError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        budget = self.budget(max_new_tokens)
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise RouterError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
         prompts = [clean_text(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
@@ -160,38 +181,10 @@ class Engine:
             routes = self.route(prompts, mode, top_k, task, scorer, candidates)
         if len(routes) != len(prompts):
             raise RouterError(f"got {len(routes)} routes for {len(prompts)} prompts")
-        lm, tok = self.mtm.lm, self.tok
-        limit = getattr(lm.config, "max_position_embeddings", None)
-        if limit is not None and max_new_tokens >= limit:
-            raise RouterError(f"max_new_tokens {max_new_tokens}: the model's context holds {limit} tokens, "
-                              "prompt included; ask for fewer")
-        budget = self.max_input_tokens if limit is None else min(self.max_input_tokens, limit - max_new_tokens)
-        encoded = [self._encode(p, chat, budget, f"prompt {i + 1}") for i, p in enumerate(prompts)]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        gc = lm.generation_config
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                               eos_token_id=gc.eos_token_id if gc.eos_token_id is not None else tok.eos_token_id,
-                               bos_token_id=gc.bos_token_id, use_cache=True,
-                               **({"temperature": temperature, "top_p": top_p} if do_sample else {}))
-        if seed is not None:
-            torch.manual_seed(seed)
-        texts = [""] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0]))
-        try:
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s: s + self.batch_size]
-                width = max(len(encoded[i][0]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # left padding
-                    seq = encoded[i][0]
-                    ids[row, width - len(seq):] = torch.tensor(seq)
-                    mask[row, width - len(seq):] = 1
-                self.mtm.route(*routing_tensors([routes[i] for i in idx], self.mtm))
-                out = lm.generate(input_ids=ids.to(self.mtm.device), attention_mask=mask.to(self.mtm.device),
-                                  generation_config=cfg)
-                for row, i in enumerate(idx):
-                    texts[i] = tok.decode(out[row, width:], skip_special_tokens=True)
-        finally:
-            self.mtm.route(None)
-        return [Generation(p, t, r, len(e[0]), e[1]) for p, t, r, e in zip(prompts, texts, routes, encoded)]
+        sampling = Sampling(max_new_tokens, do_sample, temperature, top_p, seed, tuple(stop or ()))
+        encoded = [self._encode(p, chat, budget, f"prompt {i + 1}", r.task)
+                   for i, (p, r) in enumerate(zip(prompts, routes))]
+        rows = [self.row(ids, r, sampling) for (ids, _), r in zip(encoded, routes)]
+        self.run(rows)
+        return [Generation(p, row.text, r, len(e[0]), e[1], row.finish or "stop", len(row.out))
+                for p, row, r, e in zip(prompts, rows, routes, encoded)]

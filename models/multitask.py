@@ -1,4 +1,4 @@
-"""A frozen causal LM with stacked per-task adapters: build it, route rows, score rows."""
+"""A frozen causal LM with stacked per-task adapters: build it, run routed forwards, score rows."""
 from __future__ import annotations
 
 import math
@@ -11,6 +11,7 @@ from tasks.schema import AdapterSpec
 
 from .base import fingerprint
 from .registry import ADAPTERS
+from .routing import Routing
 from .stacked import AdapterStack, Group, build_stack
 
 
@@ -50,13 +51,15 @@ class MultiTaskModel(nn.Module):
                 return g, g.task_ids.index(task_id)
         raise KeyError(task_id)
 
-    def route(self, ids: Tensor | None, weights: Tensor | None = None) -> None:
-        self.stack.route(ids, weights)
+    def routed(self, routing: Routing | Tensor | None, weights: Tensor | None = None):
+        """Context manager: forwards of ``lm`` inside it route rows by ``routing`` (models/routing.py)."""
+        return self.stack.using(routing, weights)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, task_ids: Tensor | None = None,
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, task_ids: Routing | Tensor | None = None,
                 weights: Tensor | None = None, **kw):
-        self.route(task_ids, weights)
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
+        """One forward of the wrapped model, rows routed by ``task_ids`` (ids or a Routing; None = base model)."""
+        with self.routed(task_ids, weights):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
 
     def row_nll(self, batch: dict[str, Tensor], logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Summed token NLL and scored-token count per row, each (N,)."""

@@ -11,7 +11,7 @@ into a temporary copy of the weight instead: one GEMM, as in the base model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from tasks.registry import ConfigError
 from tasks.schema import AdapterSpec
 
+from . import routing as routing_state
 from .adapter import AdapterType
-
-GLOBAL = -1  # routing id of the global adapter Theta
+from .routing import GLOBAL, GroupRouting, Routing  # noqa: F401 (GLOBAL re-exported)
 
 
 def matches(name: str, targets: list[str]) -> bool:
@@ -109,56 +109,35 @@ class Group(nn.Module):
                 yield m, p, s
 
 
-@dataclass
-class GroupRouting:
-    slots: Tensor  # (N, K) slot per row and choice
-    weights: Tensor | None  # (N, K), zero where the choice is not in this group; None: K = 1, every weight 1
-    uniform: int | None  # the single slot every row uses with weight 1, if so (fast path)
-    # module -> (flat, flat's version, the rows' gathered parameters), kept for the decode steps of a generation
-    gathered: dict[str, tuple[Tensor, int, dict[str, Tensor]]] = field(default_factory=dict)
-
-
 class AdapterStack(nn.Module):
-    """All adapter groups of a model and the current per-row routing."""
+    """All adapter groups of a model. Routing is an argument of each forward (``using``), not state."""
 
-    gather_cache_bytes = 1 << 30  # at most this much of gathered per-row parameters is kept between forwards
+    gather_cache_bytes = 1 << 30  # at most this much of gathered per-row parameters is kept per Routing
 
     def __init__(self, groups: list[Group]):
         super().__init__()
         self.groups = nn.ModuleList(groups)
-        self._ids: Tensor | None = None
-        self._weights: Tensor | None = None
-        self._cache: dict[str, GroupRouting | None] = {}
-        self._gathered_bytes = 0
 
-    def route(self, ids: Tensor | None, weights: Tensor | None = None) -> None:
-        """Set routing for the next forwards: ids (N,) or (N, K) global task ids (GLOBAL = Theta);
-        weights (N, K) blend the K choices in output space. ``None`` switches adapters off."""
-        self._cache, self._gathered_bytes = {}, 0
-        if ids is None:
-            self._ids = self._weights = None
-            return
-        ids = ids.long()
-        if ids.dim() == 1:
-            ids = ids[:, None]
-        if weights is None:
-            weights = torch.ones(ids.shape, dtype=torch.float32)
-        self._ids, self._weights = ids, weights.reshape(ids.shape)
+    def using(self, routing: "Routing | Tensor | None", weights: Tensor | None = None):
+        """Context manager: the forwards inside it route rows by ``routing`` (a Routing, or ids (N,) / (N, K)
+        with optional weights); None runs the frozen base model."""
+        return routing_state.active(self, Routing.of(routing, weights))
 
     def routing_for(self, g: Group, device: torch.device) -> GroupRouting | None:
-        if self._ids is None:
+        routing = routing_state.current(self)
+        if routing is None:
             return None
-        if g.key not in self._cache:
-            slots = g.slot_map[self._ids.to(g.slot_map.device) + 1]
-            w = self._weights.to(device=device) * (slots >= 0).to(device)
+        if g.key not in routing.groups:
+            slots = g.slot_map[routing.ids.to(g.slot_map.device) + 1]
+            w = routing.weights.to(device=device) * (slots >= 0).to(device)
             slots = slots.clamp(min=0).to(device)
             r = None
             if bool(w.ne(0).any()):
                 ones = slots.shape[1] == 1 and bool((w == 1).all())
                 uniform = int(slots[0, 0]) if ones and bool((slots == slots[0, 0]).all()) else None
                 r = GroupRouting(slots, None if ones else w.to(g.flat.dtype), uniform)
-            self._cache[g.key] = r
-        return self._cache[g.key]
+            routing.groups[g.key] = r
+        return routing.groups[g.key]
 
     def gather(self, g: Group, module: str, r: GroupRouting, tokens_per_row: int) -> dict[str, Tensor]:
         """Each row's parameters of one module, (N, K, *shape). A generation's decode steps (one token per row,
@@ -173,9 +152,10 @@ class AdapterStack(nn.Module):
         idx = r.slots.reshape(-1)
         rows = {name: v.index_select(0, idx).view(n, k, *v.shape[1:]) for name, v in g.params(module).items()}
         size = sum(t.numel() * t.element_size() for t in rows.values())
-        if keep and self._gathered_bytes + size <= self.gather_cache_bytes:
+        routing = routing_state.current(self)
+        if keep and routing is not None and routing.gathered_bytes + size <= self.gather_cache_bytes:
             r.gathered[module] = (g.flat, g.flat._version, rows)
-            self._gathered_bytes += size
+            routing.gathered_bytes += size
         return rows
 
 

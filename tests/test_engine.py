@@ -42,12 +42,9 @@ def last_logits(eng: Engine, prompts: list[str], routes: list[Route]) -> torch.T
     width = max(map(len, enc))
     ids = torch.tensor([[1] * (width - len(e)) + e for e in enc])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-    eng.mtm.route(*routing_tensors(routes, eng.mtm))
-    with torch.no_grad():
+    with torch.no_grad(), eng.mtm.routed(*routing_tensors(routes, eng.mtm)):
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = eng.mtm.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
-    eng.mtm.route(None)
-    return out
+        return eng.mtm.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
 
 
 def test_mixed_batch_rows_equal_single_rows_with_task_forced(engine):

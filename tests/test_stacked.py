@@ -10,6 +10,7 @@ from conftest import tiny_lm
 from models.base import prepare
 from models.multitask import MultiTaskModel
 from models.stacked import GLOBAL, StackedLinear, merge_pays
+from models.routing import Routing
 from tasks.schema import AdapterSpec
 
 SPEC = AdapterSpec(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -89,12 +90,13 @@ def test_blend_is_output_space_sum(mtm_and_params):
     assert isinstance(lin, StackedLinear)
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
-        mtm.route(torch.tensor([[0, 2], [1, 2]]), w)
-        blended = lin(x)
+        with mtm.routed(torch.tensor([[0, 2], [1, 2]]), w):
+            blended = lin(x)
         outs = {}
         for t in range(3):
-            mtm.route(torch.full((2,), t))
-            outs[t] = lin(x)
+            with mtm.routed(torch.full((2,), t)):
+                outs[t] = lin(x)
+        assert torch.equal(lin(x), lin.base(x))  # outside a routed forward: the base model
     expect = torch.stack([0.3 * outs[0][0] + 0.7 * outs[2][0], 0.5 * outs[1][1] + 0.5 * outs[2][1]])
     assert (blended - expect).abs().max() < 1e-5
 
@@ -105,8 +107,8 @@ def test_global_id_uses_theta_and_base_weights_untouched(mtm_and_params):
     lin = mtm.lm.model.layers[1].mlp.down_proj
     x = torch.randn(3, 4, 128)
     with torch.no_grad():
-        mtm.route(torch.tensor([GLOBAL, 0, GLOBAL]))
-        y = lin(x)
+        with mtm.routed(torch.tensor([GLOBAL, 0, GLOBAL])):
+            y = lin(x)
         p = {k: v[g.theta_slot] for k, v in g.params("model.layers.1.mlp.down_proj").items()}
         expect = lin.base(x) + (x @ p["A"].T @ p["B"].T) * (SPEC.alpha / SPEC.rank)
     assert (y[0] - expect[0]).abs().max() < 1e-5 and (y[2] - expect[2]).abs().max() < 1e-5
@@ -151,10 +153,10 @@ def test_linear_with_bias_uniform_and_mixed_rows(type_, grad, length, monkeypatc
     assert merge_pays(4 * length, 12, 10) == (length == 5)
     with torch.set_grad_enabled(grad):
         plain = lin.base(x)
-        stack.route(torch.full((4,), 1))
-        uniform = lin(x)
-        stack.route(torch.tensor([1, 0, 1, 0]))
-        mixed = lin(x)
+        with stack.using(torch.full((4,), 1)):
+            uniform = lin(x)
+        with stack.using(torch.tensor([1, 0, 1, 0])):
+            mixed = lin(x)
         p1 = {k: v[1] for k, v in g.params("0").items()}
         expect = plain + g.atype.delta_one(x, p1, g.frozen["0"], g.spec)
     torch.testing.assert_close(uniform, expect, atol=1e-5, rtol=1e-5)
@@ -179,25 +181,64 @@ def test_decode_steps_reuse_gathered_rows_until_params_or_routing_change():
     g.flat = torch.randn(g.flat.shape) * 0.3
     lin, ids = model[0], torch.tensor([0, 1, 2, 0])
     x = torch.randn(4, 1, 12)
+    routing = Routing(ids)
 
     def fresh():
-        stack.route(ids)  # a new routing starts with nothing kept
-        return lin(x)
+        with stack.using(Routing(ids)):  # a new routing starts with nothing kept
+            return lin(x)
+
+    def step():
+        with stack.using(routing):  # the same Routing object across decode steps
+            return lin(x), routing.groups[g.key].gathered
 
     with torch.no_grad():
-        y1 = fresh()
-        kept = stack.routing_for(g, x.device).gathered["0"][2]
-        torch.testing.assert_close(lin(x), y1)
-        assert stack.routing_for(g, x.device).gathered["0"][2] is kept  # reused, not regathered
+        y1, gathered = step()
+        kept = gathered["0"][2]
+        y, gathered = step()
+        torch.testing.assert_close(y, y1)
+        assert gathered["0"][2] is kept  # reused, not regathered
         g.flat.mul_(2)  # in place, as an optimiser step
-        y2 = lin(x)
+        y2, _ = step()
         assert (y2 - y1).abs().max() > 1e-3
         torch.testing.assert_close(y2, fresh())
         g.flat = g.flat * 0.5  # a new tensor, as set_params
-        torch.testing.assert_close(lin(x), y1)
-        stack.route(ids)
-        lin(torch.randn(4, 3, 12))  # a prefill (3 tokens per row): nothing kept
-        assert not stack.routing_for(g, x.device).gathered
-    stack.route(ids)
-    lin(x)  # autograd on: nothing kept
-    assert not stack.routing_for(g, x.device).gathered
+        torch.testing.assert_close(step()[0], y1)
+        prefill = Routing(ids)
+        with stack.using(prefill):
+            lin(torch.randn(4, 3, 12))  # a prefill (3 tokens per row): nothing kept
+        assert not prefill.groups[g.key].gathered
+    graded = Routing(ids)
+    with stack.using(graded):
+        lin(x)  # autograd on: nothing kept
+    assert not graded.groups[g.key].gathered
+
+
+def test_routing_is_an_argument_of_the_forward_not_shared_state():
+    """Routing lives only inside ``using``: a forward after it, or in another thread meanwhile, is the base
+    model's; another model's layers ignore it."""
+    import threading
+
+    from models.registry import ADAPTERS
+    from models.stacked import build_stack
+
+    torch.manual_seed(0)
+    model, other = torch.nn.Sequential(torch.nn.Linear(12, 10)), torch.nn.Sequential(torch.nn.Linear(12, 10))
+    model.requires_grad_(False)
+    other.requires_grad_(False)
+    spec = AdapterSpec(rank=3, alpha=6, target_modules=["0"])
+    stack = build_stack(model, [("g", spec, ADAPTERS["lora"], [0, 1])], 2)
+    other_stack = build_stack(other, [("g", spec, ADAPTERS["lora"], [0, 1])], 2)
+    for st in (stack, other_stack):
+        st.groups[0].flat = torch.randn(st.groups[0].flat.shape) * 0.3
+    x = torch.randn(2, 1, 12)
+    seen = {}
+    with torch.no_grad():
+        with stack.using(torch.tensor([0, 1])):
+            routed = model(x)
+            thread = threading.Thread(target=lambda: seen.update(y=model(x)))
+            thread.start()
+            thread.join()
+            assert torch.equal(other(x), other[0].base(x))  # another model is not routed
+        assert (routed - model[0].base(x)).abs().max() > 1e-3
+        torch.testing.assert_close(seen["y"], model[0].base(x))
+        torch.testing.assert_close(model(x), model[0].base(x))

@@ -1,0 +1,183 @@
+"""The serving loop: requests arrive over time and share forwards (continuous batching across adapters).
+
+One worker thread owns the model. Between decode steps it admits waiting jobs (up to ``max_rows`` rows in
+the batch): routes the ones that asked for automatic routing in one router call, encodes them (hub/prompting.py)
+and prefills them into the running batch (hub/decode.py); then it runs one step for every row, each with its
+own adapter or blend, and lets finished, cancelled or timed-out rows go. Jobs talk back through a callback
+``on_event(kind, value)`` called on the worker thread: ("route", Route), ("text", str) for each new piece,
+then ("done", (finish_reason, prompt_tokens, completion_tokens)) or ("error", exception); nothing else
+follows done or error. A failing job never stops the loop.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .decode import DecodeBatch, Row, Sampling
+from .engine import Engine, clean_text
+from .route import GLOBAL_NAME, Route, RouterError
+
+log = logging.getLogger("borahub")
+
+
+class QueueFull(Exception):
+    """More jobs waiting than the scheduler accepts (the server answers 429)."""
+
+
+class JobTimeout(Exception):
+    """A job ran past its deadline (waiting or generating)."""
+
+
+@dataclass
+class Job:
+    text: str  # the raw input: what routing sees
+    on_event: Callable[[str, object], None]
+    task: str | None = None  # an adapter name, or None: route the text
+    messages: list[dict] | None = None  # a chat request (text is its last user message)
+    chat: bool = True  # wrap a plain prompt in the chat template (when no task template applies)
+    mode: str = "fallback"
+    sampling: Sampling = field(default_factory=Sampling)
+    generate: bool = True  # False: route only
+    timeout: float = 600.0
+    cancelled: bool = False  # set by the client side (e.g. a disconnect); the job leaves at the next step
+    row: Row | None = None
+    route: Route | None = None
+    prompt_tokens: int = 0
+    deadline: float = 0.0
+    ended: bool = False
+
+    def end(self, kind: str, value) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_event(kind, value)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_rows: int = 16, max_queue: int = 64):
+        self.engine, self.max_rows, self.max_queue = engine, max_rows, max_queue
+        self.batch = DecodeBatch(engine.mtm)
+        self.jobs: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch
+        self.waiting: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.running = True
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, name="borahub-scheduler", daemon=True)
+        self.thread.start()
+
+    # -- client side ---------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests waiting (limit {self.max_queue}); retry later")
+            job.deadline = time.monotonic() + job.timeout
+            self.waiting.append(job)
+            self.cond.notify()
+        return job
+
+    def close(self) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify()
+        self.thread.join(timeout=30)
+
+    @property
+    def load(self) -> dict:
+        return {"running": len(self.batch), "waiting": len(self.waiting), "max_rows": self.max_rows,
+                "max_queue": self.max_queue}
+
+    # -- worker side ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while self.running and not self.waiting and not len(self.batch):
+                    self.cond.wait(timeout=1.0)
+                if not self.running:
+                    break
+                free = self.max_rows - len(self.batch)
+                new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            try:
+                if new:
+                    self._admit(new)
+                    self._reap()  # rows done at their first token leave before the step
+                if len(self.batch):
+                    self.batch.step()
+                    self.steps += 1
+            except Exception as e:  # a broken step fails the rows in it, never the server
+                log.exception("decode step failed")
+                for job in self.jobs.values():
+                    job.end("error", e)
+                self.jobs, self.batch = {}, DecodeBatch(self.engine.mtm)
+            self._reap()
+        for job in [*self.jobs.values(), *self.waiting]:
+            job.end("error", RouterError("the server is shutting down"))
+
+    def _admit(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in jobs:
+            if job.cancelled:
+                job.end("done", ("cancelled", 0, 0))
+            elif now > job.deadline:
+                job.end("error", JobTimeout(f"waited {job.timeout:g} s in the queue"))
+            else:
+                live.append(job)
+        auto = [j for j in live if j.task is None]
+        for j in live:
+            if j.task is not None:
+                j.route = Route(j.task, {j.task: 1.0}, j.task == GLOBAL_NAME, "override")
+        for mode in {j.mode for j in auto}:
+            group = [j for j in auto if j.mode == mode]
+            try:
+                for j, r in zip(group, self.engine.route([j.text for j in group], mode=mode)):
+                    j.route = r
+            except Exception as e:
+                for j in group:
+                    j.end("error", e)
+        rows = []
+        for j in live:
+            if j.ended:
+                continue
+            j.on_event("route", j.route)
+            if not j.generate:
+                j.end("done", ("route", 0, 0))
+                continue
+            try:
+                budget = self.engine.budget(j.sampling.max_new_tokens)
+                ids, _ = self.engine._encode(clean_text(j.text, "request"), j.chat, budget, "request", j.route.task,
+                                             j.messages)
+                j.row = self.engine.row(ids, j.route, j.sampling, on_text=lambda _r, piece, j=j: j.on_event("text",
+                                                                                                            piece))
+            except Exception as e:
+                j.end("error", e)
+                continue
+            j.prompt_tokens = len(ids)
+            rows.append(j.row)
+            self.jobs[id(j.row)] = j
+        if rows:
+            try:
+                self.batch.add(rows)
+            except Exception:
+                for r in rows:
+                    self.jobs.pop(id(r), None)
+                raise
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        gone = []
+        for row in self.batch.rows:
+            job = self.jobs[id(row)]
+            if job.cancelled:
+                job.end("done", ("cancelled", job.prompt_tokens, len(row.out)))
+            elif row.finish is not None:
+                job.end("done", (row.finish, job.prompt_tokens, len(row.out)))
+            elif now > job.deadline:
+                job.end("error", JobTimeout(f"ran past its {job.timeout:g} s timeout"))
+            else:
+                continue
+            gone.append(row)
+            del self.jobs[id(row)]
+        self.batch.drop(gone)
