@@ -1,7 +1,8 @@
 """The OpenAI API's request bodies as the server accepts them, and its response and error shapes.
 
 Fields the server does not use are ignored, as OpenAI-compatible servers do; fields it uses are checked
-(a bad one answers 400 naming it). ``mode`` (select | blend | fallback) is an extra field for ``auto``.
+(a bad one answers 400 naming it). Extra fields of ours: ``mode`` (select | blend | fallback) for ``auto``, and
+``raw_prompt`` on completions (hub/proxy.py sends prompts it already wrapped in a task's template).
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    raw_prompt: bool = False  # the prompt is already the model's text: no task template (set by a borahub proxy)
 
     @field_validator("prompt")
     @classmethod

@@ -29,11 +29,12 @@ class Backend:
         await self.client.aclose()
 
     def body(self, kind: str, request, route: Route) -> dict:
-        body = request.model_dump(exclude_none=True, exclude={"mode"})
+        body = request.model_dump(exclude_none=True, exclude={"mode", "raw_prompt"})
         body["model"] = route.task
         template = self.prompter.templates.get(route.task)
-        if kind == "text" and template is not None:
-            body["prompt"] = fill_template(template, request.prompt)
+        if kind == "text" and template is not None and not request.raw_prompt:
+            # wrapped here; raw_prompt tells a borahub backend not to wrap it again (vLLM ignores the field)
+            body["prompt"], body["raw_prompt"] = fill_template(template, request.prompt), True
         return body
 
     async def forward(self, kind: str, request, route: Route, headers: dict) -> Response:

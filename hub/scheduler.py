@@ -42,6 +42,7 @@ class Job:
     mode: str = "fallback"
     sampling: Sampling = field(default_factory=Sampling)
     generate: bool = True  # False: route only
+    template: bool = True  # False: the input is the model's text already (no task template)
     timeout: float = 600.0
     cancelled: bool = False  # set by the client side (e.g. a disconnect); the job leaves at the next step
     row: Row | None = None
@@ -64,7 +65,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.running = True
-        self.steps = 0
+        self.steps = self.peak_rows = self.cancelled = 0
         self.thread = threading.Thread(target=self._loop, name="borahub-scheduler", daemon=True)
         self.thread.start()
 
@@ -87,7 +88,8 @@ class Scheduler:
     @property
     def load(self) -> dict:
         return {"running": len(self.batch), "waiting": len(self.waiting), "max_rows": self.max_rows,
-                "max_queue": self.max_queue}
+                "max_queue": self.max_queue, "steps": self.steps, "peak_rows": self.peak_rows,
+                "cancelled": self.cancelled}
 
     # -- worker side ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -147,8 +149,10 @@ class Scheduler:
                 continue
             try:
                 budget = self.engine.budget(j.sampling.max_new_tokens)
-                ids, _ = self.engine._encode(clean_text(j.text, "request"), j.chat, budget, "request", j.route.task,
-                                             j.messages)
+                task = j.route.task if j.template else None
+                messages = None if j.messages is None else \
+                    [{**m, "content": clean_text(m["content"], f"message {i + 1}")} for i, m in enumerate(j.messages)]
+                ids, _ = self.engine._encode(clean_text(j.text, "request"), j.chat, budget, "request", task, messages)
                 j.row = self.engine.row(ids, j.route, j.sampling, on_text=lambda _r, piece, j=j: j.on_event("text",
                                                                                                             piece))
             except Exception as e:
@@ -160,6 +164,7 @@ class Scheduler:
         if rows:
             try:
                 self.batch.add(rows)
+                self.peak_rows = max(self.peak_rows, len(self.batch))
             except Exception:
                 for r in rows:
                     self.jobs.pop(id(r), None)
@@ -171,6 +176,7 @@ class Scheduler:
         for row in self.batch.rows:
             job = self.jobs[id(row)]
             if job.cancelled:
+                self.cancelled += 1
                 job.end("done", ("cancelled", job.prompt_tokens, len(row.out)))
             elif row.finish is not None:
                 job.end("done", (row.finish, job.prompt_tokens, len(row.out)))

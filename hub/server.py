@@ -166,7 +166,8 @@ def create_app(engine: Engine, *, max_rows: int = 16, max_queue: int = 64, timeo
                             tuple(body.stop or ()))
         text = body.text if kind == "chat" else body.prompt
         job = Job(text, None, task=task, messages=body.turns() if kind == "chat" else None, chat=kind == "chat",
-                  mode=body.mode or mode, sampling=sampling, generate=backend is None, timeout=timeout)
+                  mode=body.mode or mode, sampling=sampling, generate=backend is None, timeout=timeout,
+                  template=not getattr(body, "raw_prompt", False))
         events = submit(job)
         route = await first_route(events, request, job)
         headers = {"x-borahub-route": route_header(route)}

@@ -173,3 +173,40 @@ def test_embedded_smollm2_mixed_chat_batch_equals_single_rows():
     assert tok.chat_template and batch[0].prompt_tokens > len(tok(prompts[0])["input_ids"]) + 5
     alone = [eng.generate([p], routes=[r], max_new_tokens=6)[0].text for p, r in zip(prompts, routes)]
     assert [b.text for b in batch] == alone and all(alone)
+
+
+def test_rows_joining_a_running_batch_generate_what_they_would_alone(engine):
+    """Continuous batching: rows admitted while others decode, and rows leaving early, change nobody's text."""
+    from hub.decode import DecodeBatch, Sampling
+
+    names = list(PROMPTS)
+    alone = {n: engine.generate([PROMPTS[n]], task=n, max_new_tokens=10)[0].text for n in names}
+    rows = {n: engine.row(engine._encode(PROMPTS[n], True, 100, "t", n)[0], Route(n, {n: 1.0}),
+                          Sampling(10 if n != "sport" else 3)) for n in names}
+    batch = DecodeBatch(engine.mtm)
+    batch.add([rows["cooking"]])
+    for _ in range(3):
+        batch.step()
+    batch.add([rows["finance"], rows["sport"]])  # join mid-way, with other prompt lengths
+    while len(batch):
+        batch.step()
+        batch.drop(batch.finished())  # sport leaves after 3 tokens; the cache is cut to the rest
+    assert rows["cooking"].text == alone["cooking"] and rows["finance"].text == alone["finance"]
+    assert alone["sport"].startswith(rows["sport"].text) and rows["sport"].finish == "length"
+
+
+def test_stop_strings_end_a_row_and_streamed_pieces_add_up_to_its_text(engine):
+    from hub.decode import DecodeBatch, Sampling, _safe_end
+
+    full = engine.generate([PROMPTS["sport"]], task="sport", max_new_tokens=12)[0].text
+    words = full.split()
+    stop = " ".join(words[2:4])
+    pieces = []
+    row = engine.row(engine._encode(PROMPTS["sport"], True, 100, "t", "sport")[0], Route("sport", {"sport": 1.0}),
+                     Sampling(12, stop=(stop, "never said")), on_text=lambda _r, p: pieces.append(p))
+    batch = DecodeBatch(engine.mtm)
+    batch.add([row])
+    while not batch.finished():
+        batch.step()
+    assert row.finish == "stop" and row.text == full[: full.index(stop)] and "".join(pieces) == row.text
+    assert _safe_end("abc sto", ("stop",)) == 4 and _safe_end("abc\ufffd", ()) == 3 and _safe_end("abc", ("x",)) == 3
