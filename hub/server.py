@@ -162,12 +162,16 @@ def create_app(engine: Engine, *, max_rows: int = 16, max_queue: int = 64, timeo
         body = await parse(request, ChatRequest if kind == "chat" else CompletionRequest)
         task = adapter(body.model)
         new_tokens = body.new_tokens or max_tokens
+        try:
+            engine.budget(new_tokens)  # a request the context cannot hold fails before any stream starts
+        except USER_ERRORS as e:
+            raise ApiError(400, str(e), param="max_tokens") from None
         sampling = Sampling(new_tokens, body.temperature > 0, body.temperature or 1.0, body.top_p, body.seed,
                             tuple(body.stop or ()))
         text = body.text if kind == "chat" else body.prompt
         job = Job(text, None, task=task, messages=body.turns() if kind == "chat" else None, chat=kind == "chat",
                   mode=body.mode or mode, sampling=sampling, generate=backend is None, timeout=timeout,
-                  template=not getattr(body, "raw_prompt", False))
+                  template=not getattr(body, "raw_prompt", False), stream=body.stream)
         events = submit(job)
         route = await first_route(events, request, job)
         headers = {"x-borahub-route": route_header(route)}
@@ -175,16 +179,13 @@ def create_app(engine: Engine, *, max_rows: int = 16, max_queue: int = 64, timeo
             return await state["backend"].forward(kind, body, route, headers)
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         if not body.stream:
-            parts = []
             while True:
                 k, value = await next_event(events, request, job)
-                if k == "text":
-                    parts.append(value)
-                elif k == "error":
+                if k == "error":
                     raise _error_for(value)
-                elif k == "done":
-                    finish, n_prompt, n_out = value
-                    return JSONResponse(completion_body(kind, rid, route, "".join(parts), finish, n_prompt, n_out),
+                if k == "done":
+                    finish, n_prompt, n_out, text = value
+                    return JSONResponse(completion_body(kind, rid, route, text, finish, n_prompt, n_out),
                                         headers=headers)
 
         async def chunks():
@@ -202,7 +203,7 @@ def create_app(engine: Engine, *, max_rows: int = 16, max_queue: int = 64, timeo
                         break
                     elif k == "done":
                         ended = True
-                        finish, n_prompt, n_out = value
+                        finish, n_prompt, n_out, _ = value
                         yield _sse(chunk_body(kind, rid, route, finish=finish))
                         if body.include_usage:
                             yield _sse({**chunk_body(kind, rid, route), "choices": [],

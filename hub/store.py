@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from models.base import hub_id, load_base
 from models.multitask import MultiTaskModel
-from models.stacked import Group
+from models.stacked import GLOBAL, Group
 from tasks.atomic import atomic_write_text, recover, write_dir
 from tasks.schema import AdapterSpec
 
@@ -58,8 +58,9 @@ def _flat(g: Group, tensors: dict[str, torch.Tensor], where: str) -> torch.Tenso
 
 
 def peft_tensors(mtm: MultiTaskModel, task_id: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """A task's adapter as PEFT LoRA weights and config (every adapter type exports to LoRA)."""
-    g, slot = mtm.locate(task_id)
+    """A task's adapter (or, for GLOBAL, the primary group's Theta) as PEFT LoRA weights and config (every
+    adapter type exports to LoRA)."""
+    g, slot = (mtm.groups[0], mtm.groups[0].theta_slot) if task_id == GLOBAL else mtm.locate(task_id)
     tensors, ranks, alphas = {}, {}, {}
     for m in g.layout:
         p = {k: v[slot].detach() for k, v in g.params(m).items()}

@@ -2,9 +2,9 @@
 
 Per group, all task parameters live in one flat tensor ``flat`` of shape (S, D): a slot per task plus a
 last slot for the global Theta, each slot the concatenation of that task's parameters over all wrapped
-modules. A forward receives per-row routing (global task ids, or top-k ids with weights); each group
-maps it to its own slots once per forward, and every wrapped Linear gathers the rows' parameters and
-applies them with batched matmuls. There is no Python loop over tasks, and the frozen weights are
+modules. A forward runs under per-row routing (models/routing.py: global task ids, or top-k ids with
+weights); each group maps it to its own slots once per forward, and every wrapped Linear gathers the rows'
+parameters and applies them with batched matmuls. There is no Python loop over tasks, and the frozen weights are
 never touched, so a batch that mixes or blends tasks runs in one pass, in training and inference alike.
 At inference, a long input whose rows all use one adapter (a prompt's prefill) runs that adapter merged
 into a temporary copy of the weight instead: one GEMM, as in the base model.

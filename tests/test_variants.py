@@ -267,9 +267,10 @@ def test_mixed_types_train_jointly_in_one_cli_run(tmp_path, tiny_model_dir, caps
         assert int(moved[s.offset: s.offset + s.numel].sum()) == keep_count(s.numel, 0.25), (m, p)
 
     ids = ids_batch()
-    for name in ("cooking", "finance", "sport"):
+    for name in ("cooking", "finance", "sport", "_global"):  # _global: Theta of the primary group
         out = tmp_path / f"export-{name}"
         assert main(["--config", str(path), "export", name, "--out", str(out)]) == 0
         peft_model = PeftModel.from_pretrained(tiny_lm(), str(out)).eval()
-        assert (logits(mtm, ids, [mtm.task_id(name)] * 3) - logits(peft_model, ids)).abs().max() < 1e-4, name
+        tid = GLOBAL if name == "_global" else mtm.task_id(name)
+        assert (logits(mtm, ids, [tid] * 3) - logits(peft_model, ids)).abs().max() < 1e-4, name
     capsys.readouterr()
