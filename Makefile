@@ -26,7 +26,7 @@ demo: install
 	  "Shares in the carmaker fell 5% after quarterly profits missed analysts' forecasts and sales slowed in Europe." \
 	  "The striker scored twice in the second half as the champions came from behind to win the cup final." \
 	  "The new smartphone has a faster chip, a brighter screen and a battery that lasts two days." \
-	  "How do I reset the password of my wifi router?"
+	  "Give me a recipe for pancakes."
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -10,7 +10,8 @@ Fit (at the end of `borahub train`, or `borahub router fit`), per task with data
   3. calibrate on the validation split (never on the data the classifier saw):
      - a temperature for p (validation NLL),
      - the fallback thresholds, to a stated budget of in-distribution inputs sent to Theta
-       (``fallback_budget``, default 5% of the validation inputs): a share ``far_share`` of the budget goes
+       (``fallback_budget``, default 5%, held with probability ``budget_confidence`` = 0.9 over the draw of
+       the validation inputs, not only on average: ``allowed_above``): a share ``far_share`` of the budget goes
        to the distance test (RMS distance to the nearest task centroid over standardised features: inputs
        unlike every task's inputs, e.g. news articles sent to a hub of short requests), the rest to the
        energy score -T log sum_t exp(logit_t / T) (inputs the classifier has little evidence for, e.g.
@@ -24,8 +25,10 @@ Modes at inference: ``select`` (top-1), ``blend`` (top-k weighted by p, mixed in
 stacked layer), ``fallback`` (top-1, or Theta when unsure or out of distribution). The Bayesian scorer
 replaces p by p(task | x) ∝ p(x | theta_task) p(task), scoring every candidate in one mixed batch.
 
-Limit: the distance test's "unlike every task" means unlike the tasks' training inputs, length included:
-tasks fitted on whole documents send short prompts to Theta (BBC headlines: docs/results/router.md).
+Length: the distance test's "unlike every task" means unlike the tasks' inputs, length included, so inputs
+longer than 32 words also enter the fit and the calibration as their opening 8-24 words (``short_views``): a
+hub of documents then takes a headline or a sentence of a known topic as in distribution (without them,
+every short BBC request fell back to Theta: docs/results/router.md).
 
 Files: ``<store>/router.safetensors`` (tensors) and ``<store>/router.json`` (everything else, with the
 SHA-256 of the tensors file), each written atomically, tensors first.
@@ -51,7 +54,7 @@ from .route import GLOBAL_NAME, MODES, SCORERS, Route, RouterError, global_id  #
 ROUTER_JSON, ROUTER_WEIGHTS = "router.json", "router.safetensors"
 FORMAT = 2  # 2: energy + distance thresholds at a fallback budget
 _FITTING = ("RouterConfig", "fit", "fit_from_workspace", "fit_and_save", "fallback_thresholds", "confidence_threshold",
-            "_fit_softmax", "_temperature")
+            "allowed_above", "short_views", "_fit_softmax", "_temperature")
 
 
 class Router:

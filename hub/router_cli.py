@@ -138,14 +138,15 @@ def cmd_router_fit(args) -> int:
     ws = Workspace(args.config)
     mtm, _ = ws.trained_model()
     cfg = RouterConfig(bayes_docs=args.bayes_docs, target_accuracy=args.target_accuracy,
-                       fallback_budget=args.fallback_budget)
+                       fallback_budget=args.fallback_budget, budget_confidence=args.budget_confidence)
     r = fit_and_save(ws, mtm, cfg, progress=not args.quiet)
     c, t = r.meta["calibration"], r.thresholds
     print(f"router: {len(r.tasks)} tasks, embeddings after layer {r.layer}/{mtm.lm.config.num_hidden_layers}; "
           f"{c['split']} accuracy {c['accuracy']:.3f} on {c['inputs']} inputs (select mode)")
     kept = "n/a" if c["kept_accuracy"] is None else f"{c['kept_accuracy']:.3f}"
     print(f"fallback mode on {c['split']}: {c['false_fallback']:.1%} sent to {GLOBAL_NAME} (budget "
-          f"{c['budget']:.0%}: {c['ood_rate']:.1%} unlike every task, {c['unsure_rate']:.1%} unsure), "
+          f"{c['budget']:.0%} with {c['confidence']:.0%} confidence: {c['ood_rate']:.1%} unlike every task, "
+          f"{c['unsure_rate']:.1%} unsure), "
           f"accuracy on the rest {kept}")
     print(f"thresholds: distance {t['ood']:.3f}, energy {t['energy']:.3f}"
           + (f", bayes {t['bayes']:.3f} (accuracy {c['bayes']['accuracy']:.3f} on {c['bayes']['inputs']})"
@@ -217,6 +218,8 @@ def add_commands(sub) -> None:
     fi.add_argument("--fallback-budget", type=_budget, default=0.05,
                     help="share of in-distribution validation inputs that --mode fallback may send to the global "
                          "adapter (default 0.05)")
+    fi.add_argument("--budget-confidence", type=_budget, default=0.9,
+                    help="probability that the fallback rate stays within the budget (default 0.9; 0 = on average)")
     fi.add_argument("--target-accuracy", type=_fraction, default=0.97,
                     help="with --bayes-docs: routing accuracy required above the Bayesian confidence threshold")
     fi.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -25,7 +25,9 @@ class RouterConfig:
     max_docs: int = 1000  # inputs per task for the fit: HWU64 gains 0.5-2 points from 200 to ~500 (router_study.md)
     l2: float = 1e-3  # ridge on the standardised weights; BBC validation accuracy is flat in 1e-4..3e-3
     fallback_budget: float = 0.05  # share of in-distribution (validation) inputs the fallback mode may send to Theta
+    budget_confidence: float = 0.9  # ... held with this probability over the validation draw (0: on average)
     far_share: float = 0.2  # of that budget, for the distance test (1% of inputs); the rest for the energy score
+    short_views: bool = True  # also fit and calibrate on the opening words of long inputs (length-robust scores)
     target_accuracy: float = 0.97  # --bayes only: routing accuracy required above its confidence threshold
     bayes_docs: int = 0  # validation inputs per task to calibrate the Bayesian scorer (each costs T forwards)
     batch_size: int = 16  # prompts per embedding forward
@@ -55,13 +57,52 @@ def _temperature(logits: Tensor, y: Tensor) -> float:
     return float(grid[int(nll.argmin())])
 
 
-def fallback_thresholds(dist: Tensor, energy: Tensor, budget: float, far_share: float) -> tuple[float, float]:
+SHORT_MIN, SHORT_MAX, LONG = 8, 24, 32  # words: a short view of an input longer than LONG keeps 8 to 24 of them
+
+
+def short_views(items: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """(task, opening words) of every input longer than LONG words: a headline or a sentence, as users send to a
+    hub of documents. Without them the distance test reads length as novelty: fitted on whole articles, it sent
+    short news requests of a known topic to Theta (docs/results/router.md). Deterministic per seed."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for task, text in items:
+        words = text.split()
+        if len(words) > LONG:
+            out.append((task, " ".join(words[: rng.randint(SHORT_MIN, SHORT_MAX)])))
+    return out
+
+
+def allowed_above(n: int, budget: float, confidence: float | None = None) -> int:
+    """How many of n calibration inputs may lie above the thresholds. With a new in-distribution input
+    exchangeable with them, k above make its fallback probability (k + 1) / (n + 1) on average over the
+    calibration draw (the conformal bound: k <= budget (n + 1) - 1). With ``confidence``, the fallback rate
+    itself (distributed as Beta(k + 1, n - k)) must stay <= budget with that probability: the largest k with
+    P(Binomial(n, budget) >= k + 1) >= confidence."""
+    if not confidence:
+        return max(0, math.floor(budget * (n + 1) - 1 + 1e-9))
+    if budget <= 0:
+        return 0
+    logs = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * math.log(budget)
+            + (n - j) * math.log1p(-budget) for j in range(n + 1)]
+    tail = 0.0  # P(Binomial >= j), accumulated from the top
+    for j in range(n, 0, -1):
+        tail += math.exp(logs[j])
+        if tail >= confidence:
+            return j - 1
+    return 0
+
+
+def fallback_thresholds(dist: Tensor, energy: Tensor, budget: float, far_share: float,
+                        confidence: float | None = None) -> tuple[float, float]:
     """(distance threshold, energy threshold) such that a new in-distribution input falls back (scores above
-    either) with probability at most ``budget``: with n calibration inputs exchangeable with it, k of them above
-    the thresholds give it (k + 1) / (n + 1) (the conformal bound), so k <= budget (n + 1) - 1. The distance test
-    takes a ``far_share`` of those k (the most distant inputs), the energy test the highest-energy others."""
+    either) with probability at most ``budget`` (``allowed_above``: on average, or with probability
+    ``confidence``). The distance test takes a ``far_share`` of the inputs allowed above (the most distant), the
+    energy test the highest-energy others."""
     n = len(dist)
-    allowed = max(0, math.floor(budget * (n + 1) - 1 + 1e-9))
+    allowed = allowed_above(n, budget, confidence)
     sorted_d = dist.sort(descending=True).values
     far_t = float(sorted_d[min(n - 1, math.floor(far_share * allowed + 1e-9))])  # at most that many above it
     far = dist > far_t
@@ -110,6 +151,8 @@ def fit(mtm: MultiTaskModel, train: dict[str, list[str]], validation: dict[str, 
     va = [(t, x) for t in tasks for x in validation.get(t, [])[: cfg.max_docs] if x.strip()]
     split = "validation" if va else "train"
     va = va or tr
+    if cfg.short_views:
+        tr, va = tr + short_views(tr, 0), va + short_views(va, 1)
     layer = layer_for(mtm.lm, cfg.depth)
     bar = tqdm(total=len(tr) + len(va), desc="router", unit="doc", disable=not progress)
     e_tr = embed(mtm, [x for _, x in tr], layer, cfg.max_tokens, cfg.batch_size, bar)
@@ -132,14 +175,15 @@ def fit(mtm: MultiTaskModel, train: dict[str, list[str]], validation: dict[str, 
     p = router.probs(e_va)
     correct = p.argmax(1) == y_va
     ood, energy = router.ood_scores(e_va), router.energy(e_va)
-    ood_t, energy_t = fallback_thresholds(ood, energy, cfg.fallback_budget, cfg.far_share)
+    ood_t, energy_t = fallback_thresholds(ood, energy, cfg.fallback_budget, cfg.far_share, cfg.budget_confidence)
     router.meta["thresholds"] = {"ood": ood_t, "energy": energy_t, "bayes": None}
     far = ood > ood_t
     unsure = (energy > energy_t) & ~far
     kept = ~(far | unsure)
     router.meta["calibration"] = {
         "split": split, "inputs": len(va), "accuracy": float(correct.float().mean()),
-        "budget": cfg.fallback_budget, "false_fallback": float((~kept).float().mean()),
+        "budget": cfg.fallback_budget, "confidence": cfg.budget_confidence,
+        "false_fallback": float((~kept).float().mean()),
         "unsure_rate": float(unsure.float().mean()), "ood_rate": float(far.float().mean()),
         "kept_accuracy": float(correct[kept].float().mean()) if bool(kept.any()) else None,
     }

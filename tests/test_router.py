@@ -43,6 +43,34 @@ def test_fallback_thresholds_keep_the_budget_on_fresh_inputs(budget):
     assert abs(rate - budget) < 4 * se, (rate, budget)
 
 
+@pytest.mark.parametrize("n", [100, 223, 1000])
+def test_a_confident_budget_holds_over_calibration_draws_and_the_average_one_on_average(n):
+    """Over many calibration samples of n in-distribution scores (uniform: a threshold's true fallback rate is
+    1 - threshold), the average rule keeps the mean rate within the budget and the confident rule keeps the
+    rate itself within it in >= 90% of the draws (up to 3 binomial standard errors of the 2000 draws)."""
+    budget, draws = 0.05, 2000
+    gen = torch.Generator().manual_seed(1)
+    rates = {}
+    for conf in (0.0, 0.9):
+        k = R.allowed_above(n, budget, conf)
+        cal = torch.rand(draws, n, generator=gen).sort(1, descending=True).values
+        rates[conf] = 1 - cal[:, k]  # k inputs above the (k + 1)-th largest score
+    assert float(rates[0.0].mean()) <= budget + 3 * float(rates[0.0].std()) / draws ** 0.5
+    over = float((rates[0.9] > budget).float().mean())
+    assert over <= 0.1 + 3 * (0.09 / draws) ** 0.5, over
+    assert float((rates[0.0] > budget).float().mean()) > 0.25  # the average rule alone exceeds it often
+    assert R.allowed_above(n, budget, 0.9) < R.allowed_above(n, budget, 0.0)
+
+
+def test_short_views_are_openings_of_long_inputs_only():
+    long_text = " ".join(f"w{i}" for i in range(60))
+    items = [("a", long_text), ("b", "short request of five"), ("c", " ".join(["x"] * 33))]
+    views = R.short_views(items, seed=0)
+    assert [t for t, _ in views] == ["a", "c"] and views == R.short_views(items, seed=0)
+    for (_, text), (_, view) in zip([items[0], items[2]], views):
+        assert text.startswith(view) and 8 <= len(view.split()) <= 24
+
+
 def test_confidence_threshold_is_the_smallest_meeting_the_target():
     maxp = torch.tensor([0.6, 0.9, 0.7, 0.8, 0.5])
     correct = torch.tensor([True, True, False, True, False])
@@ -230,3 +258,31 @@ def test_a_prompt_template_hub_routes_the_raw_requests(tmp_path, tiny_model_dir)
     assert all(r.task in (w, R.GLOBAL_NAME) for r, w in zip(routes, want))  # never a wrong task
     # fitted on the formatted prompts (before), most of these fell back as out of distribution
     assert sum(r.task == w for r, w in zip(routes, want)) >= 13, [r.reason for r in routes]
+
+
+def test_a_document_hub_takes_short_openings_of_its_topics_with_short_views(tiny_model_dir):
+    """Fitted on 40-word documents only, the distance test reads length as novelty and sends short openings of
+    known topics to Theta; with short views in the fit and the calibration they are routed to their topics."""
+    import random
+
+    from models.base import load_base
+    from models.multitask import MultiTaskModel
+    from tasks.schema import AdapterSpec
+
+    rng = random.Random(0)
+    docs = {t: [" ".join(rng.choices(text.split(), k=40)) for _ in range(60)] for t, text in TOPICS.items()}
+    train = {t: d[:40] for t, d in docs.items()}
+    validation = {t: d[40:50] for t, d in docs.items()}
+    test = [(t, " ".join(x.split()[:10])) for t, d in docs.items() for x in d[50:]]
+    lm, tok = load_base(str(tiny_model_dir))
+    mtm = MultiTaskModel(lm, tok, str(tiny_model_dir), [(t, AdapterSpec(rank=2, target_modules=["q_proj"]))
+                                                        for t in TOPICS])
+    fell_back = {}
+    for views in (False, True):
+        router = R.fit(mtm, train, validation, R.RouterConfig(short_views=views))
+        routes = router.route(mtm, [x for _, x in test], mode="fallback")
+        fell_back[views] = sum(r.fallback for r in routes) / len(routes)
+        if views:
+            kept = [(t, r.task) for (t, _), r in zip(test, routes) if not r.fallback]
+            assert sum(t == task for t, task in kept) >= 0.9 * len(kept)
+    assert fell_back[False] > 0.8 and fell_back[True] <= 0.25, fell_back
