@@ -32,7 +32,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)  # rows compare by identity
 class Row:
     """One sequence being generated: its prompt ids, adapters ((K,) ids and weights) and sampling."""
 
@@ -58,8 +58,8 @@ class Row:
 class DecodeBatch:
     """The running batch of one model. Not thread-safe: one thread drives it."""
 
-    def __init__(self, mtm: MultiTaskModel):
-        self.mtm, self.tok, self.lm = mtm, mtm.tokenizer, mtm.lm
+    def __init__(self, mtm: MultiTaskModel, prefixes: "PrefixCache | None" = None):
+        self.mtm, self.tok, self.lm, self.prefixes = mtm, mtm.tokenizer, mtm.lm, prefixes
         self.rows: list[Row] = []
         self.cache = None
         self.mask: Tensor | None = None  # (N, L) over the cached columns
@@ -83,17 +83,30 @@ class DecodeBatch:
 
     @torch.no_grad()
     def add(self, rows: list[Row]) -> None:
-        """Prefill ``rows`` together, take each row's first token, and join them to the running batch."""
+        """Prefill ``rows``, take each row's first token, and join them to the running batch. Rows that start
+        with the shared prefix (the chat template's system turn) and use one adapter prefill only the rest, on
+        top of that adapter's cached prefix."""
         if not rows:
             return
-        dev, width = self.mtm.device, max(len(r.ids) for r in rows)
+        shared = [r for r in rows if self.prefixes is not None and self.prefixes.fits(r)]
+        for part, past in ((shared, self.prefixes), ([r for r in rows if r not in shared], None)):
+            if part:
+                self._prefill(part, past)
+
+    def _prefill(self, rows: list[Row], prefixes: "PrefixCache | None") -> None:
+        dev, n_pre = self.mtm.device, 0 if prefixes is None else len(prefixes.ids)
+        width = max(len(r.ids) for r in rows) - n_pre
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.ones((len(rows), n_pre + width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - len(r.ids):], mask[i, width - len(r.ids):] = torch.tensor(r.ids), 1
+            rest = r.ids[n_pre:]
+            ids[i, width - len(rest):] = torch.tensor(rest)
+            mask[i, n_pre: n_pre + width - len(rest)] = 0  # left padding, after the prefix
+        past = None if prefixes is None else prefixes.stacked(self, rows)
         with self.mtm.routed(self.routing(rows)):
-            out = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=_positions(mask).to(dev),
-                          use_cache=True, logits_to_keep=1)
+            out = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                          position_ids=_positions(mask)[:, n_pre:].to(dev), cache=past, use_cache=True,
+                          logits_to_keep=1)
         mask, first = mask.to(dev), self._pick(out.logits[:, -1], rows)
         if self.rows:
             self.cache, self.mask = _join(self.cache, self.mask, out.cache, mask)
@@ -173,6 +186,45 @@ class DecodeBatch:
             if safe > r.shown:
                 piece, r.shown = r.text[r.shown: safe], safe
                 r.on_text(r, piece)
+
+
+class PrefixCache:
+    """The KV cache of one token prefix that many prompts share (the chat template's system turn), per adapter.
+
+    The keys and values of a prefix depend on the adapter (adapters change k_proj, v_proj and every layer below),
+    so each single adapter gets its own entry, computed on first use and dropped when any adapter parameters
+    change. Saves the prefix's share of every prefill (SmolLM2's default system turn: 25 of ~80 tokens of a
+    short chat request)."""
+
+    def __init__(self, mtm: MultiTaskModel, ids: list[int]):
+        self.mtm, self.ids = mtm, list(ids)
+        self.entries: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._version: tuple = ()
+
+    def fits(self, row: Row) -> bool:
+        return len(self.ids) > 0 and len(row.ids) > len(self.ids) and row.ids[: len(self.ids)] == self.ids and \
+            len(row.adapter_ids) == 1 and float(row.adapter_weights[0]) == 1.0
+
+    def _entry(self, adapter: int) -> list[tuple[Tensor, Tensor]]:
+        version = tuple((id(g.flat), g.flat._version) for g in self.mtm.groups)
+        if version != self._version:
+            self.entries, self._version = {}, version
+        if adapter not in self.entries:
+            ids = torch.tensor([self.ids], device=self.mtm.device)
+            with self.mtm.routed(torch.tensor([adapter])):
+                out = self.mtm.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                                  logits_to_keep=1)
+            self.entries[adapter] = [(layer.keys, layer.values) for layer in out.cache.layers]
+        return self.entries[adapter]
+
+    def stacked(self, batch: "DecodeBatch", rows: list[Row]):
+        """A fresh cache holding each row's prefix under its adapter, rows along the batch."""
+        from transformers import DynamicCache
+
+        per_row = [self._entry(int(r.adapter_ids[0])) for r in rows]
+        layers = [(torch.cat([e[i][0] for e in per_row]), torch.cat([e[i][1] for e in per_row]))
+                  for i in range(len(per_row[0]))]
+        return DynamicCache(ddp_cache_data=layers)
 
 
 def _positions(mask: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from torch import Tensor
 from models.multitask import MultiTaskModel
 from models.stacked import GLOBAL
 
-from .decode import DecodeBatch, Row, Sampling
+from .decode import DecodeBatch, PrefixCache, Row, Sampling
 from .prompting import Prompter
 from .router import GLOBAL_NAME, Route, Router, RouterError, global_id
 
@@ -80,6 +80,7 @@ class Engine:
         self.mtm, self.router = mtm.eval(), router
         self.tok = mtm.tokenizer
         self.prompter = Prompter(self.tok, templates)  # task -> prompt template (train/serve parity)
+        self.prefixes = PrefixCache(mtm, self.prompter.chat_prefix())  # the chat system turn's KV, per adapter
         self.max_input_tokens, self.batch_size = max_input_tokens, batch_size
         self._router_error = router_error
 
@@ -152,7 +153,7 @@ class Engine:
     def run(self, rows: list[Row]) -> None:
         """Decode rows to the end, at most ``batch_size`` at once: a finished row's place goes to the next one
         at the following step (rows of similar prompt length are admitted together)."""
-        batch, pending = DecodeBatch(self.mtm), sorted(rows, key=lambda r: len(r.ids))
+        batch, pending = DecodeBatch(self.mtm, self.prefixes), sorted(rows, key=lambda r: len(r.ids))
         while pending or len(batch):
             free = self.batch_size - len(batch)
             if free > 0 and pending:

@@ -70,6 +70,22 @@ class Prompter:
         joined = "\n".join(m["content"] for m in messages)  # no chat template: the turns as plain text
         return tok(joined)["input_ids"] or self._start(), cut
 
+    def chat_prefix(self) -> list[int]:
+        """The token ids every one-turn chat prompt starts with (the chat template's system turn and the user
+        turn's opening): the common start of two templated prompts; [] without a chat template."""
+        tok = self.tok
+        if not tok.chat_template:
+            return []
+        texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+                 for c in ("Qx", "Zy")]
+        before = texts[0][: texts[0].index("Qx")]  # the text ahead of the user's content
+        a, b, head = (tok(t, add_special_tokens=False)["input_ids"] for t in (*texts, before))
+
+        def common(x, y):
+            return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+
+        return a[: min(common(a, b), common(a, head))]
+
     def _start(self) -> list[int]:
         """An empty prompt starts from BOS (or EOS)."""
         tok = self.tok

@@ -73,7 +73,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, max_rows: int = 16, max_queue: int = 64, gather_s: float = 0.02):
         self.engine, self.max_rows, self.max_queue, self.gather_s = engine, max_rows, max_queue, gather_s
-        self.batch = DecodeBatch(engine.mtm)
+        self.batch = DecodeBatch(engine.mtm, engine.prefixes)
         self.jobs: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
@@ -129,7 +129,7 @@ class Scheduler:
                 log.exception("decode step failed")
                 for job in self.jobs.values():
                     job.end("error", e)
-                self.jobs, self.batch = {}, DecodeBatch(self.engine.mtm)
+                self.jobs, self.batch = {}, DecodeBatch(self.engine.mtm, self.engine.prefixes)
             self._reap()
         for job in [*self.jobs.values(), *self.waiting]:
             job.end("error", RouterError("the server is shutting down"))

@@ -210,3 +210,35 @@ def test_stop_strings_end_a_row_and_streamed_pieces_add_up_to_its_text(engine):
         batch.step()
     assert row.finish == "stop" and row.text == full[: full.index(stop)] and "".join(pieces) == row.text
     assert _safe_end("abc sto", ("stop",)) == 4 and _safe_end("abc\ufffd", ()) == 3 and _safe_end("abc", ("x",)) == 3
+
+
+def test_the_chat_prefix_is_prefilled_once_per_adapter_and_changes_no_text(engine):
+    """Rows that start with the chat template's system turn prefill only the rest, on that adapter's cached
+    prefix; the generated text equals a full prefill's, and new adapter parameters drop the cached prefixes."""
+    from hub.decode import PrefixCache
+
+    tok = engine.tok
+    tok.chat_template = ("<bos> the coach said {% for m in messages %} a {{ m['content'] }} <eos>{% endfor %}"
+                         "{% if add_generation_prompt %} b{% endif %}")
+    saved = engine.prefixes
+    try:
+        prefix = engine.prompter.chat_prefix()
+        assert prefix == tok("<bos> the coach said a", add_special_tokens=False)["input_ids"]
+        prompts = [PROMPTS[n] for n in PROMPTS] + ["the bank"]
+        kw = {"task": [*PROMPTS, GLOBAL_NAME], "max_new_tokens": 8}
+        engine.prefixes = PrefixCache(engine.mtm, [])
+        full = [g.text for g in engine.generate(prompts, **kw)]
+        engine.prefixes = PrefixCache(engine.mtm, prefix)
+        cached = engine.generate(prompts, **kw)
+        assert [g.text for g in cached] == full and len(engine.prefixes.entries) == 4  # 3 tasks and Theta
+        assert cached[0].prompt_tokens == len(engine._encode(prompts[0], True, 100, "t")[0])
+        blend = engine.generate(["the bank"], routes=[Route("finance", {"finance": 0.5, "sport": 0.5})],
+                                max_new_tokens=4)  # a blend prefills in full: no cached prefix of its own
+        assert len(engine.prefixes.entries) == 4 and blend[0].completion_tokens > 0
+        g = engine.mtm.groups[0]
+        engine.mtm.set_params({g.key: (g.flat[:-1].clone(), g.flat[-1].clone())})  # a new tensor: stale
+        engine.generate(["the bank"], task="finance", max_new_tokens=2)
+        assert list(engine.prefixes.entries) == [engine.mtm.task_id("finance")]
+    finally:
+        tok.chat_template = None
+        engine.prefixes = saved
