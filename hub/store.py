@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from models.base import hub_id, load_base
 from models.multitask import MultiTaskModel
 from models.stacked import GLOBAL, Group
+from models.targets import ALL_LINEAR, leaf_names
 from tasks.atomic import atomic_write_text, recover, write_dir
 from tasks.schema import AdapterSpec
 
@@ -68,12 +69,14 @@ def peft_tensors(mtm: MultiTaskModel, task_id: int) -> tuple[dict[str, torch.Ten
         tensors[f"base_model.model.{m}.lora_A.weight"] = A.float().contiguous()
         tensors[f"base_model.model.{m}.lora_B.weight"] = B.float().contiguous()
         ranks[m], alphas[m] = A.shape[0], alpha
+    # all-linear: the modules it found, by name (explicit, so the export means the same to any PEFT version)
+    targets = leaf_names(g.layout) if ALL_LINEAR in g.spec.target_modules else sorted(g.spec.target_modules)
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": hub_id(mtm.base_name),
-        "r": r, "lora_alpha": alpha, "target_modules": sorted(g.spec.target_modules), "lora_dropout": 0.0,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+        "r": r, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": g.fan_in_fan_out, "inference_mode": True, "use_rslora": False,
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
     }

@@ -23,11 +23,7 @@ from tasks.schema import AdapterSpec
 from . import routing as routing_state
 from .adapter import AdapterType
 from .routing import GLOBAL, GroupRouting, Routing  # noqa: F401 (GLOBAL re-exported)
-
-
-def matches(name: str, targets: list[str]) -> bool:
-    """PEFT's rule: a module is targeted when its name equals a target or ends with '.' + target."""
-    return any(name == t or name.endswith("." + t) for t in targets)
+from .targets import ALL_LINEAR, as_linear, is_conv1d, targeted
 
 
 @dataclass(frozen=True)
@@ -60,6 +56,7 @@ class Group(nn.Module):
                 self.layout[name][pname] = Slice(offset, tuple(shape))
                 offset += self.layout[name][pname].numel
         self.dim = offset
+        self.fan_in_fan_out = False  # set by build_stack when the wrapped modules store (in, out) weights (Conv1D)
         self.theta_slot = len(self.task_ids)
         self.register_buffer("flat", torch.zeros(self.theta_slot + 1, self.dim), persistent=False)
         # slot_map[global_id + 1] -> slot in this group, -1 when the task is not in this group.
@@ -162,10 +159,12 @@ class AdapterStack(nn.Module):
 class StackedLinear(nn.Module):
     """A frozen nn.Linear plus the adapters of every group that targets it."""
 
-    def __init__(self, base: nn.Linear, name: str, stack: AdapterStack, groups: list[Group]):
+    def __init__(self, base: nn.Linear, name: str, stack: AdapterStack, groups: list[Group],
+                 original: nn.Module | None = None):
         super().__init__()
         self.base, self.name, self.groups = base, name, groups
         object.__setattr__(self, "_stack", stack)  # a reference, not a submodule
+        object.__setattr__(self, "original", original if original is not None else base)  # put back on unwrap
 
     @property
     def weight(self) -> Tensor:
@@ -238,19 +237,25 @@ def build_stack(model: nn.Module, groups_spec: list[tuple[str, AdapterSpec, Adap
     for name, m in list(model.named_modules()):
         if isinstance(m, StackedLinear):
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, m.original)
+    originals: dict[str, nn.Module] = {}
+    views: dict[str, nn.Linear] = {}
     groups = []
     for i, (key, spec, atype, ids) in enumerate(groups_spec):
-        mods = {n: m for n, m in linears.items() if matches(n, spec.target_modules)}
-        if not mods:
+        found = targeted(model, spec.target_modules)
+        if not found:
             raise ConfigError([f"adapter.target_modules: no Linear module of the base model matches "
-                               f"{spec.target_modules} (adapter group {key})"])
-        groups.append(Group(key, spec, atype, ids, n_tasks, mods, primary=(i == 0)))
+                               f"{spec.target_modules} (adapter group {key}); '{ALL_LINEAR}' adapts every one"])
+        for n, m in found.items():
+            originals[n] = m
+            views.setdefault(n, as_linear(m))  # one view per module, shared by the groups that target it
+        group = Group(key, spec, atype, ids, n_tasks, {n: views[n] for n in found}, primary=(i == 0))
+        group.fan_in_fan_out = any(is_conv1d(m) for m in found.values())  # stored (in, out), as GPT-2's Conv1D
+        groups.append(group)
     stack = AdapterStack(groups)
     for name in sorted({n for g in groups for n in g.layout}):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = StackedLinear(linears[name], name, stack, [g for g in groups if name in g.layout])
+        wrapped = StackedLinear(views[name], name, stack, [g for g in groups if name in g.layout], originals[name])
         setattr(parent, child, wrapped)
     return stack

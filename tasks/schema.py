@@ -54,9 +54,19 @@ class AdapterSpec(Strict):
     type: str = "lora"  # a name from the adapter registry (models/registry.py)
     rank: int = Field(8, ge=1, le=1024)  # r: 8 is PEFT's default and enough for topic-level shifts
     alpha: float = Field(16.0, gt=0, le=1e6)  # scale alpha/r as in LoRA; 2r is the common choice
+    # PEFT's rule (a name or a dotted suffix), or "all-linear": every Linear but the output layer
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
     # SVFit only: choose r per matrix as the smallest rank holding this share of squared singular values.
     energy: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _all_linear(cls, v):
+        if v == "all-linear":
+            return [v]
+        if isinstance(v, list) and "all-linear" in v and len(v) > 1:
+            raise ValueError("'all-linear' stands alone: it already adapts every Linear but the output layer")
+        return v
 
     @field_validator("type")
     @classmethod
