@@ -1,7 +1,8 @@
 """Serving under load, with the real `openai` client: `borahub serve` (every request routed with `auto`) against
 `transformers serve --continuous-batching` on the bare base model (the peer), one run, same prompts.
 
-For each server and each number of concurrent clients (default 1, 4, 16), every client sends ``--rounds``
+For each number of concurrent clients (default 1, 4, 16) and each server (started alone for that level, the two
+servers back to back, alternating which goes first), every client sends ``--rounds``
 chat requests one after another (greedy, ``--tokens`` new tokens each); reported: completion tokens per second
 over the whole level (sum of usage.completion_tokens / wall time), p50/p95 request latency, errors, and for ours
 the adapters that served the requests. Prompts: the openings of unseen BBC News test articles (the demo hub's
@@ -112,34 +113,38 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     texts = prompts(Path(args.config), max(levels) * args.rounds)
     logs = Path(tempfile.mkdtemp(prefix="borahub-serve-bench-"))  # the servers' own output, for a failed start
-    servers = {}
+    ours_name, peer_name = "borahub serve (auto routing)", "transformers serve --continuous-batching (base model)"
+    servers: dict[str, list] = {ours_name: []} if args.no_peer else {ours_name: [], peer_name: []}
 
-    port = free_port()
-    proc = start([sys.executable, "-m", "hub.cli", "--config", args.config, "serve", "--port", str(port),
-                  "--max-batch", str(max(levels))], port, args.threads, logs / "serve_ours.log")
-    try:
-        servers["borahub serve (auto routing)"] = [load(f"http://127.0.0.1:{port}/v1", "auto", texts, c, args.rounds,
-                                                        args.tokens) for c in levels]
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    if not args.no_peer:
-        from models.base import _embedded_folder
-
-        model = str(_embedded_folder("smollm2-135m"))
+    def measure(name: str, clients: int) -> dict:
+        """Start the server alone, load it with ``clients`` clients, stop it."""
         port = free_port()
-        proc = start([str(Path(sys.executable).parent / "transformers"), "serve", model, "--continuous-batching",
-                      "--device", "cpu", "--port", str(port)], port, args.threads, logs / "serve_peer.log")
+        if name == ours_name:
+            cmd, model = [sys.executable, "-m", "hub.cli", "--config", args.config, "serve", "--port", str(port),
+                          "--max-batch", str(max(levels))], "auto"
+        else:
+            from models.base import _embedded_folder
+
+            model = str(_embedded_folder("smollm2-135m"))
+            cmd = [str(Path(sys.executable).parent / "transformers"), "serve", model, "--continuous-batching",
+                   "--device", "cpu", "--port", str(port)]
+        proc = start(cmd, port, args.threads, logs / f"{'ours' if name == ours_name else 'peer'}_{clients}.log")
         try:
-            servers["transformers serve --continuous-batching (base model)"] = [
-                load(f"http://127.0.0.1:{port}/v1", model, texts, c, args.rounds, args.tokens) for c in levels]
+            return load(f"http://127.0.0.1:{port}/v1", model, texts, clients, args.rounds, args.tokens)
         finally:
             proc.terminate()
             proc.wait(60)
 
-    ours = servers["borahub serve (auto routing)"]
+    # level by level, the two servers one after the other (alternating who goes first), so that the machine's
+    # drift over the run (measured: up to 35% between runs minutes apart) falls on both sides of each ratio
+    for i, clients in enumerate(levels):
+        for name in (list(servers) if i % 2 == 0 else list(servers)[::-1]):
+            servers[name].append(measure(name, clients))
+            print(json.dumps({name: servers[name][-1]}), flush=True)
+
+    ours = servers[ours_name]
     summary = {"ours_16_over_1": round(ours[-1]["tokens_per_s"] / ours[0]["tokens_per_s"], 2)}
-    peer = servers.get("transformers serve --continuous-batching (base model)")
+    peer = servers.get(peer_name)
     if peer:
         summary["ours_over_peer_at_max_clients"] = round(ours[-1]["tokens_per_s"] / peer[-1]["tokens_per_s"], 2)
         summary["p95_ours_vs_peer_at_max_clients"] = [ours[-1]["p95_s"], peer[-1]["p95_s"]]

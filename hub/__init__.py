@@ -1,1 +1,2 @@
-"""Where adapters live and how they are chosen: the local store, PEFT export, the CLI."""
+"""Where adapters live and how they are chosen and served: the local store, PEFT export, the router, the engine
+and its decode loop, the OpenAI-compatible server, the CLI."""
