@@ -5,7 +5,7 @@ Fit (at the end of `borahub train`, or `borahub router fit`), per task with data
      model, adapters off: the mean over its first ``max_tokens`` tokens of the hidden state after decoder
      layer ``depth * n_layers``. The forward stops at that layer, so routing costs a fraction of a
      prefill (BBC News test accuracy 0.94 after layer 8 of SmolLM2's 30, 0.96 after the last, for ~3x
-     the fit time: docs/results/router.md);
+     the fit time: docs/results/router_demo.md);
   2. standardise and fit a multinomial logistic regression (L2, LBFGS): p(task | x);
   3. calibrate on the validation split (never on the data the classifier saw):
      - a temperature for p (validation NLL),
@@ -28,7 +28,7 @@ replaces p by p(task | x) ∝ p(x | theta_task) p(task), scoring every candidate
 Length: the distance test's "unlike every task" means unlike the tasks' inputs, length included, so inputs
 longer than 32 words also enter the fit and the calibration as their opening 8-24 words (``short_views``): a
 hub of documents then takes a headline or a sentence of a known topic as in distribution (without them,
-every short BBC request fell back to Theta: docs/results/router.md).
+every short BBC request fell back to Theta: docs/results/router_demo.md and router.md).
 
 Files: ``<store>/router.safetensors`` (tensors) and ``<store>/router.json`` (everything else, with the
 SHA-256 of the tensors file), each written atomically, tensors first.

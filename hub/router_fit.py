@@ -63,7 +63,7 @@ SHORT_MIN, SHORT_MAX, LONG = 8, 24, 32  # words: a short view of an input longer
 def short_views(items: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
     """(task, opening words) of every input longer than LONG words: a headline or a sentence, as users send to a
     hub of documents. Without them the distance test reads length as novelty: fitted on whole articles, it sent
-    short news requests of a known topic to Theta (docs/results/router.md). Deterministic per seed."""
+    short news requests of a known topic to Theta (docs/results/router_demo.md, router.md). Deterministic per seed."""
     import random
 
     rng = random.Random(seed)
