@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from models.multitask import MultiTaskModel
-from models.routing import Routing
+from models.routing import GLOBAL, Routing
 
 
 @dataclass
@@ -44,8 +44,7 @@ class Row:
     out: list[int] = field(default_factory=list)
     text: str = ""
     shown: int = 0  # characters of text already passed to on_text
-    finish: str | None = None  # "stop" (EOS or a stop string) | "length" | "cancelled" | "error: ..."
-    cancelled: bool = False  # set from another thread: the row leaves at the next step
+    finish: str | None = None  # "stop" (EOS or a stop string) | "length"
     generator: torch.Generator | None = None
 
     def __post_init__(self):
@@ -73,14 +72,6 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def routing(self, rows: list[Row]) -> Routing:
-        k = max(len(r.adapter_ids) for r in rows)
-        ids = torch.full((len(rows), k), -1, dtype=torch.long)
-        w = torch.zeros(len(rows), k)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.adapter_ids)], w[i, : len(r.adapter_ids)] = r.adapter_ids, r.adapter_weights
-        return Routing(ids, w)
-
     @torch.no_grad()
     def add(self, rows: list[Row]) -> None:
         """Prefill ``rows``, take each row's first token, and join them to the running batch. Rows that start
@@ -102,8 +93,8 @@ class DecodeBatch:
             rest = r.ids[n_pre:]
             ids[i, width - len(rest):] = torch.tensor(rest)
             mask[i, n_pre: n_pre + width - len(rest)] = 0  # left padding, after the prefix
-        past = None if prefixes is None else prefixes.stacked(self, rows)
-        with self.mtm.routed(self.routing(rows)):
+        past = None if prefixes is None else prefixes.stacked(rows)
+        with self.mtm.routed(rows_routing(rows)):
             out = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                           position_ids=_positions(mask)[:, n_pre:].to(dev), cache=past, use_cache=True,
                           logits_to_keep=1)
@@ -126,7 +117,7 @@ class DecodeBatch:
         dev = self.mtm.device
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=dev)], 1)
         if self._routing is None:
-            self._routing = self.routing(self.rows)  # kept across steps: gathered parameters are reused
+            self._routing = rows_routing(self.rows)  # kept across steps: gathered parameters are reused
         with self.mtm.routed(self._routing):
             out = self.lm(input_ids=self.last[:, None].to(dev), attention_mask=self.mask,
                           position_ids=_positions(self.mask)[:, -1:], cache=self.cache, use_cache=True)
@@ -137,10 +128,10 @@ class DecodeBatch:
                 self._append(r, t)
 
     def finished(self) -> list[Row]:
-        return [r for r in self.rows if r.finish is not None or r.cancelled]
+        return [r for r in self.rows if r.finish is not None]
 
     def drop(self, rows: list[Row]) -> None:
-        """Remove rows (finished or cancelled) and the cache columns no remaining row needs."""
+        """Remove rows (finished, or dropped by the caller) and the cache columns no remaining row needs."""
         gone = {id(r) for r in rows}
         keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         if len(keep) == len(self.rows):
@@ -217,7 +208,7 @@ class PrefixCache:
             self.entries[adapter] = [(layer.keys, layer.values) for layer in out.cache.layers]
         return self.entries[adapter]
 
-    def stacked(self, batch: "DecodeBatch", rows: list[Row]):
+    def stacked(self, rows: list[Row]):
         """A fresh cache holding each row's prefix under its adapter, rows along the batch."""
         from transformers import DynamicCache
 
@@ -225,6 +216,16 @@ class PrefixCache:
         layers = [(torch.cat([e[i][0] for e in per_row]), torch.cat([e[i][1] for e in per_row]))
                   for i in range(len(per_row[0]))]
         return DynamicCache(ddp_cache_data=layers)
+
+
+def rows_routing(rows: list[Row]) -> Routing:
+    """(N, K) adapter ids and weights of rows; a row with fewer choices pads with Theta at weight 0."""
+    k = max(len(r.adapter_ids) for r in rows)
+    ids = torch.full((len(rows), k), GLOBAL, dtype=torch.long)
+    w = torch.zeros(len(rows), k)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.adapter_ids)], w[i, : len(r.adapter_ids)] = r.adapter_ids, r.adapter_weights
+    return Routing(ids, w)
 
 
 def _positions(mask: Tensor) -> Tensor:

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from models.multitask import MultiTaskModel
-from models.stacked import GLOBAL
 
 from .decode import DecodeBatch, PrefixCache, Row, Sampling
 from .prompting import Prompter
@@ -54,17 +52,6 @@ def clean_text(text, where: str) -> str:
     except UnicodeEncodeError:
         log.warning("%s: invalid Unicode (lone surrogates) replaced by U+FFFD", where)
         return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
-
-
-def routing_tensors(routes: list[Route], mtm: MultiTaskModel) -> tuple[Tensor, Tensor]:
-    """(N, K) adapter ids and weights for ``mtm.routed``; unused choices are Theta with weight 0."""
-    k = max(len(r.weights) for r in routes)
-    ids = torch.full((len(routes), k), GLOBAL, dtype=torch.long)
-    weights = torch.zeros(len(routes), k)
-    for i, r in enumerate(routes):
-        for j, (name, w) in enumerate(r.weights.items()):
-            ids[i, j], weights[i, j] = global_id(name, mtm), w
-    return ids, weights
 
 
 class Engine:

@@ -13,22 +13,10 @@ An input longer than the budget keeps its last tokens (with a warning) before an
 from __future__ import annotations
 
 import logging
-import string
+
+from tasks.data import fill_template
 
 log = logging.getLogger("borahub")
-
-
-def template_fields(template: str) -> list[str]:
-    return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
-
-
-def fill_template(template: str, text: str) -> str:
-    """The template with the raw input in its field; several fields take one line each (the inverse of how the
-    router's training text joins them), the last field the rest."""
-    fields = template_fields(template)
-    parts = text.split("\n", len(fields) - 1) if len(fields) > 1 else [text]
-    parts += [""] * (len(fields) - len(parts))
-    return template.format(**dict(zip(fields, parts)))
 
 
 class Prompter:

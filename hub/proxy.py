@@ -13,7 +13,9 @@ import httpx2 as httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .openai_schema import error_body
-from .prompting import Prompter, fill_template
+from tasks.data import fill_template
+
+from .prompting import Prompter
 from .route import Route
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .decode import DecodeBatch, Row, Sampling
 from .engine import Engine, clean_text
-from .route import GLOBAL_NAME, Route, RouterError
+from .route import Route, RouterError
 
 log = logging.getLogger("borahub")
 
@@ -134,28 +134,28 @@ class Scheduler:
         for job in [*self.jobs.values(), *self.waiting]:
             job.end("error", RouterError("the server is shutting down"))
 
+    @staticmethod
+    def _expired(job: Job, now: float) -> bool:
+        """End a waiting job that was cancelled or has waited past its deadline; say whether it ended."""
+        if job.cancelled:
+            job.end("done", ("cancelled", 0, 0, ""))
+        elif now > job.deadline:
+            job.end("error", JobTimeout(f"waited {job.timeout:g} s in the queue"))
+        return job.ended
+
     def _admit(self, jobs: list[Job]) -> None:
         now = time.monotonic()
-        live = []
-        for job in jobs:
-            if job.cancelled:
-                job.end("done", ("cancelled", 0, 0, ""))
-            elif now > job.deadline:
-                job.end("error", JobTimeout(f"waited {job.timeout:g} s in the queue"))
-            else:
-                live.append(job)
-        auto = [j for j in live if j.task is None]
-        for j in live:
-            if j.task is not None:
-                j.route = Route(j.task, {j.task: 1.0}, j.task == GLOBAL_NAME, "override")
-        for mode in {j.mode for j in auto}:
-            group = [j for j in auto if j.mode == mode]
+        live = [j for j in jobs if not self._expired(j, now)]
+        for mode in {j.mode for j in live}:  # one router call per mode; named adapters are overrides
+            group = [j for j in live if j.mode == mode]
             try:
-                for j, r in zip(group, self.engine.route([j.text for j in group], mode=mode)):
-                    j.route = r
+                routes = self.engine.route([j.text for j in group], mode=mode, task=[j.task for j in group])
             except Exception as e:
                 for j in group:
                     j.end("error", e)
+                continue
+            for j, r in zip(group, routes):
+                j.route = r
         rows = []
         for j in live:
             if j.ended:
@@ -194,10 +194,7 @@ class Scheduler:
             for j in late:
                 self.waiting.remove(j)
         for j in late:
-            if j.cancelled:
-                j.end("done", ("cancelled", 0, 0, ""))
-            else:
-                j.end("error", JobTimeout(f"waited {j.timeout:g} s in the queue"))
+            self._expired(j, now)
         gone = []
         for row in self.batch.rows:
             job = self.jobs[id(row)]

@@ -224,7 +224,6 @@ def create_app(engine: Engine, *, max_rows: int = 16, max_queue: int = 64, timeo
     async def completions(request: Request):
         return await complete(request, "text")
 
-    app.state.scheduler = state
     return app
 
 

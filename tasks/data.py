@@ -93,18 +93,27 @@ def load_source(spec: DataSpec, base_dir: str | Path, where: str = "data"):
         datasets.utils.logging.set_verbosity(level)
 
 
-def _field_list(template: str) -> list[str]:
+def template_fields(template: str) -> list[str]:
     """The template's fields in order of first use."""
     return list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
 
 
 def _fields(template: str) -> set[str]:
-    return set(_field_list(template))
+    return set(template_fields(template))
 
 
 def raw_input(prompt_template: str, row: dict) -> str:
     """The user's part of a prompt: the values of the template's fields (one per line when several)."""
-    return "\n".join(str(row[f]) for f in _field_list(prompt_template))
+    return "\n".join(str(row[f]) for f in template_fields(prompt_template))
+
+
+def fill_template(template: str, text: str) -> str:
+    """The inverse of ``raw_input``: the template with a user's raw input in its field; several fields take one
+    line each, the last field the rest."""
+    fields = template_fields(template)
+    parts = text.split("\n", len(fields) - 1) if len(fields) > 1 else [text]
+    parts += [""] * (len(fields) - len(parts))
+    return template.format(**dict(zip(fields, parts)))
 
 
 def format_examples(task: TaskSpec, ds, where: str = "") -> list[Example]:

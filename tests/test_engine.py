@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import TOPICS, write_tiny_registry
 
-from hub.engine import Engine, routing_tensors
+from hub.decode import Sampling, rows_routing
+from hub.engine import Engine
 from hub.router import GLOBAL_NAME, Route
 from models.stacked import GLOBAL
 
@@ -36,13 +37,18 @@ def engine(tmp_path_factory, tiny_model_dir) -> Engine:
     return eng
 
 
+def routing_of(eng: Engine, routes: list[Route]):
+    """The (N, K) routing the decode loop builds for rows served by ``routes``."""
+    return rows_routing([eng.row([0], r, Sampling()) for r in routes])
+
+
 def last_logits(eng: Engine, prompts: list[str], routes: list[Route]) -> torch.Tensor:
     """Next-token logits per row of one left-padded batch routed by ``routes``."""
     enc = [eng._encode(p, True, 1000, "test")[0] for p in prompts]
     width = max(map(len, enc))
     ids = torch.tensor([[1] * (width - len(e)) + e for e in enc])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-    with torch.no_grad(), eng.mtm.routed(*routing_tensors(routes, eng.mtm)):
+    with torch.no_grad(), eng.mtm.routed(routing_of(eng, routes)):
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         return eng.mtm.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
 
@@ -79,8 +85,7 @@ def test_fallback_rows_use_exactly_theta(engine):
     routes = engine.route(prompts, mode="fallback")
     assert routes[0].task == "finance" and not routes[0].fallback
     assert routes[1].fallback and routes[1].reason == "ood" and routes[1].weights == {GLOBAL_NAME: 1.0}
-    ids, _ = routing_tensors(routes, engine.mtm)
-    assert ids[1].tolist() == [GLOBAL]
+    assert routing_of(engine, routes).ids[1].tolist() == [GLOBAL]
     mixed = last_logits(engine, prompts, routes)
     # Reference: a copy of Theta put in the finance slot, routed as an ordinary task.
     g = engine.mtm.groups[0]
@@ -177,7 +182,7 @@ def test_embedded_smollm2_mixed_chat_batch_equals_single_rows():
 
 def test_rows_joining_a_running_batch_generate_what_they_would_alone(engine):
     """Continuous batching: rows admitted while others decode, and rows leaving early, change nobody's text."""
-    from hub.decode import DecodeBatch, Sampling
+    from hub.decode import DecodeBatch
 
     names = list(PROMPTS)
     alone = {n: engine.generate([PROMPTS[n]], task=n, max_new_tokens=10)[0].text for n in names}
@@ -196,7 +201,7 @@ def test_rows_joining_a_running_batch_generate_what_they_would_alone(engine):
 
 
 def test_stop_strings_end_a_row_and_streamed_pieces_add_up_to_its_text(engine):
-    from hub.decode import DecodeBatch, Sampling, _safe_end
+    from hub.decode import DecodeBatch, _safe_end
 
     full = engine.generate([PROMPTS["sport"]], task="sport", max_new_tokens=12)[0].text
     words = full.split()
