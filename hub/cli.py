@@ -128,12 +128,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USER_ERROR, f"borahub: error: {self.prog.removeprefix('borahub ')}: {message} (see --help)\n")
 
 
+def _global_options(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--config", default=default("tasks.yaml"), help="task registry (default: ./tasks.yaml)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=default(None),
+                   help="where the base model runs (default: training.device)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=default(None),
+                   help="the frozen base's precision (default: training.precision)")
+
+
 def _config_everywhere(parser: argparse.ArgumentParser) -> None:
-    """Accept --config after the command too (`borahub tasks validate --config x.yaml`), as users type it."""
+    """Accept the global options after the command too (`borahub tasks validate --config x.yaml`), as users
+    type them."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                sub.add_argument("--config", default=argparse.SUPPRESS, help="task registry (default: ./tasks.yaml)")
+                _global_options(sub, lambda _: argparse.SUPPRESS)
                 _config_everywhere(sub)
 
 
@@ -141,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hub.router_cli import _positive  # the CLI's checked argument types live there (no torch import)
 
     p = _Parser(prog="borahub", description="Multi-task adapter hub with a BoRA prior.")
-    p.add_argument("--config", default="tasks.yaml", help="task registry (default: ./tasks.yaml)")
+    _global_options(p, lambda value: value)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tasks = sub.add_parser("tasks", help="the task registry").add_subparsers(dest="tasks_command", required=True,
@@ -190,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     from models.allocator import retain_freed_memory
 
     retain_freed_memory()  # a CLI run is one job: reuse freed tensors' memory instead of page-faulting it anew
+    from models.device import ENV
+
+    for name, var in ENV.items():  # the overrides travel as the environment does (to a server's worker too)
+        if getattr(args, name, None):
+            os.environ[var] = getattr(args, name)
 
     try:
         return args.func(args)

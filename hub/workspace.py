@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
+from models import device as device_mod
 from models.base import load_base
-from models.bora import BoraPrior, site_of
 from models.multitask import MultiTaskModel
+from models.recipe import RunSettings, train_tasks
 from models.registry import ADAPTERS
-from models.regularisers import training_extras
-from models.trainer import Trainer, TrainReport
-from tasks.batching import MixedBatcher, Tokenized, eval_batches, tokenize
+from models.trainer import TrainReport
+from tasks.batching import Tokenized, eval_batches, tokenize
 from tasks.data import TaskData, load_task
 from tasks.registry import ConfigError, load_config
 from tasks.schema import HubConfig
@@ -32,9 +32,22 @@ class Workspace:
         self._data: dict[str, TaskData] = {}
         self._base = None
 
+    @functools.cached_property
+    def _settings(self) -> RunSettings:
+        device = device_mod.resolve_device(device_mod.setting("device", self.cfg.training.device)[0])
+        precision = device_mod.resolve_precision(device_mod.setting("precision", self.cfg.training.precision)[0],
+                                                 device)
+        return RunSettings(device, precision)
+
+    def settings(self) -> RunSettings:
+        """The device and precision everything built here runs on (training.device / .precision, or the
+        BORAHUB_DEVICE / BORAHUB_PRECISION overrides)."""
+        return self._settings
+
     def base(self):
         if self._base is None:
-            self._base = load_base(self.cfg.base_model)
+            s = self.settings()
+            self._base = load_base(self.cfg.base_model, dtype=device_mod.DTYPES[s.precision], device=s.device)
         return self._base
 
     def data(self, name: str) -> TaskData:
@@ -92,49 +105,28 @@ class Workspace:
 
             return search_tau(self, names, steps, progress, fit_router=fit_router)
         mtm = self.new_model()
-        init = mtm.init_params(tcfg.seed)
-        frozen_ids: list[int] = []
-        stored_info: dict[str, dict] = {}
+        stored, stored_info = None, {}
         if names:  # train a subset: the other tasks and Theta stay at their stored values
             if tau == "shared":
                 raise ConfigError(["--tasks: with tau 'shared' every task is the one frozen Theta; "
                                    "train all tasks instead"], self.config_path)
             state = store_mod.read_state(self.store)
-            init = _warm_start(mtm, store_mod.read_params(self.store, state, mtm), init)
-            frozen_ids = [i for i, n in enumerate(cfg.task_names) if n not in chosen]
+            stored = store_mod.read_params(self.store, state, mtm)
             stored_info = {t["name"]: {k: v for k, v in t.items() if k not in ("name", "group", "adapter")}
                            for t in state["tasks"]}
-        # Frozen tasks never appear in a batch, so their size (and data, possibly none) is not needed.
-        sizes = torch.tensor([len(self.data(n).train) if n in chosen else 0 for n in cfg.task_names],
-                             dtype=torch.float32)
-        _, tok = self.base()
-        batcher = MixedBatcher({i: self.tokens(n, "train") for i, n in enumerate(cfg.task_names) if n in chosen},
-                               tcfg.batch_size, tcfg.sampling, tcfg.seed, tok.pad_token_id)
-        extras = training_extras(mtm, cfg.tasks, tau, tcfg.lr)  # HiddenKey loss, GMT mask + masked Adam
-        prior = BoraPrior(mtm, tau, sizes, init, loss_terms=extras.loss_terms, centred=extras.centred_groups)
-        steps = steps or tcfg.steps
-        run_id = {"tasks": cfg.task_names, "train": chosen, "tau": tau, "seed": tcfg.seed, "steps": steps,
-                  "batch": tcfg.batch_size, "lr": tcfg.lr,
-                  "lr_schedule": tcfg.lr_schedule, "base": mtm.fingerprint, "sampling": tcfg.sampling,
-                  "max_length": tcfg.max_length, "grad_accum": tcfg.grad_accum,
-                  "adapters": {t.name: [cfg.adapter_of(t).group_key(),  # a resume must not mix optimiser setups
-                                        t.hiddenkey and t.hiddenkey.model_dump(), t.gmt and t.gmt.model_dump()]
-                               for t in cfg.tasks}}
-        hooks = ([freeze_hook(prior, frozen_ids)] if frozen_ids else []) + extras.grad_hooks
-        trainer = Trainer(prior, batcher, steps=steps, lr=tcfg.lr, lr_schedule=tcfg.lr_schedule, seed=tcfg.seed,
-                          grad_accum=tcfg.grad_accum,
-                          checkpoint_every=tcfg.checkpoint_every, checkpoint_dir=store_mod.checkpoint_dir(self.store),
-                          run_id=run_id, grad_hooks=hooks, optimizer_factory=extras.optimizer_factory)
-        report = trainer.fit(resume=resume, progress=progress)
-        params = prior.values()
-        if frozen_ids:  # tau = 0 would reset Theta to the task mean; a subset run keeps the stored one
-            params = {k: (theta, init[k][1]) for k, (theta, _) in params.items()}
+        tokens = {n: self.tokens(n, "train") for n in cfg.task_names if n in chosen}
+        params, report, main = train_tasks(mtm, cfg.tasks, tokens, tcfg, tau, self.settings(), steps=steps,
+                                           stored=stored, checkpoint_dir=store_mod.checkpoint_dir(self.store),
+                                           resume=resume, progress=progress, source=self.config_path)
+        if not main:  # data-parallel run: one process saves
+            return report
         mtm.set_params(params)
         info = {n: {"n_train": len(self.data(n).train), "n_test": len(self.data(n).test)} if n in chosen
                 else stored_info.get(n, {}) for n in cfg.task_names}
         specs = {t.name: cfg.adapter_of(t) for t in cfg.tasks}
         store_mod.save(self.store, mtm, tau, info, specs,
-                       metrics={"steps": report.steps, "train_nll": report.last_nll})
+                       metrics={"steps": report.steps, "train_nll": report.last_nll,
+                                "run": self.settings().record(report, tcfg)})
         if fit_router:
             router_mod.fit_and_save(self, mtm, progress=progress)  # after save: save rebuilds the store folder
         return report
@@ -163,39 +155,3 @@ class Workspace:
             out[name] = {"perplexity": ppl, "base_perplexity": base, "docs": len(toks.ids),
                          "n_train": len(self.data(name).train)}
         return out
-
-
-def _warm_start(mtm: MultiTaskModel, stored: dict, init: dict) -> dict:
-    """Start from a stored hub (``store.read_params``): known tasks keep their parameters, new tasks start
-    at the stored Theta of their group (cold start from the prior), plus the same tiny noise as a fresh run."""
-    out = {}
-    for g in mtm.groups:
-        theta, Theta = init[g.key]
-        theta = theta.clone()
-        if g.key in stored:
-            thetas, stored_Theta = stored[g.key]
-            noise = theta - Theta
-            Theta = stored_Theta.clone()
-            for slot, tid in enumerate(g.task_ids):
-                name = mtm.task_names[tid]
-                theta[slot] = thetas[name] if name in thetas else Theta + noise[slot]
-        out[g.key] = (theta, Theta)
-    return out
-
-
-def freeze_hook(prior: BoraPrior, frozen_ids: list[int]):
-    """Zero the gradients of frozen tasks and of every Theta (Adam then leaves them exactly unchanged)."""
-    rows = {prior.task_site(i): [g.task_ids.index(t) for t in frozen_ids if t in g.task_ids]
-            for i, g in enumerate(prior.mtm.groups)}
-
-    def hook(named_params):
-        for name, p in named_params:
-            if p.grad is None:
-                continue
-            site = site_of(name)
-            if site.startswith("Theta_"):
-                p.grad.zero_()
-            elif rows.get(site):
-                p.grad[rows[site]] = 0
-
-    return hook

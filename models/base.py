@@ -68,16 +68,17 @@ def quiet_loading() -> None:
     datasets.disable_progress_bars()
 
 
-def load_base(name: str):
-    """Load (model, tokenizer) in float32, eval mode, all parameters frozen."""
+def load_base(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Load (model, tokenizer) in ``dtype`` on ``device``, eval mode, all parameters frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_loading()
 
     source = _embedded_folder(name) if name in EMBEDDED else name
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(source)
+        model.to(device)
     except (OSError, ValueError) as e:
         raise BaseModelError(f"base_model {name!r}: cannot load ({str(e).splitlines()[0]})") from None
     prepare(model, tok)

@@ -87,6 +87,7 @@ class BoraPrior:
         self.loss_terms = loss_terms  # optional callable(batch) -> (nll_sum, ntok, extra_loss_per_row)
         self.last_nll = float("nan")  # mean token NLL of the last batch, for progress bars
         self.last_tokens = 0
+        self.likelihood_weight = 1.0  # N under N data-parallel processes whose gradients are averaged
         if tau == "shared":
             for g in mtm.groups:
                 g.share_theta()
@@ -125,20 +126,24 @@ class BoraPrior:
         else:
             (nll, ntok), extra = self.mtm.row_nll(batch), 0.0
         t = batch["task_ids"]
-        counts = torch.bincount(t, minlength=len(self.sizes)).to(nll.dtype)
+        counts = batch.get("task_counts")  # rows per task in the global batch (several processes share it)
+        if counts is None:
+            counts = torch.bincount(t, minlength=len(self.sizes))
+        counts = counts.to(nll.device, nll.dtype)
         scale = self.sizes.to(nll.device)[t] / counts[t]  # each task's minibatch scaled to its dataset
-        per_row = nll / ntok.clamp(min=1) + extra
+        per_row = nll.float() / ntok.clamp(min=1) + extra
         self.last_nll = float((nll.sum() / ntok.sum().clamp(min=1)).detach())
         self.last_tokens = int(ntok.sum())
-        pyro.factor("lm", -(scale * per_row).sum())
+        pyro.factor("lm", -self.likelihood_weight * (scale * per_row).sum())
 
     def parameters(self):
         return self.guide.parameters()
 
-    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def loss(self, batch: dict[str, Tensor], guide=None) -> Tensor:
         """Negative log joint (prior + scaled likelihood) at the current MAP point: the model conditioned on
-        the guide's point values, traced, summed."""
-        point = self.guide(batch)
+        the guide's point values, traced, summed. guide: the guide as wrapped for data parallelism (DDP), whose
+        forward gives the same point and registers the gradient all-reduce."""
+        point = (guide or self.guide)(batch)
         return -poutine.trace(poutine.condition(self.model, data=point)).get_trace(batch).log_prob_sum()
 
     def values(self) -> dict[str, tuple[Tensor, Tensor]]:

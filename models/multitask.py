@@ -32,6 +32,7 @@ class MultiTaskModel(nn.Module):
             by_key.setdefault(spec.group_key(), (spec, []))[1].append(i)
         specs = [(k, spec, ADAPTERS[spec.type], ids) for k, (spec, ids) in by_key.items()]
         self.stack: AdapterStack = build_stack(lm, specs, len(tasks))
+        self.stack.to(self.device)  # the stacked parameters live beside the base (float32 master values)
 
     @property
     def groups(self) -> list[Group]:
@@ -66,7 +67,7 @@ class MultiTaskModel(nn.Module):
         if logits is None:
             logits = self(batch["input_ids"], batch["attention_mask"], batch.get("task_ids")).logits
         labels = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
         return nll.sum(1), labels.ne(-100).sum(1)
 
     @torch.no_grad()

@@ -50,7 +50,8 @@ class Group(nn.Module):
         self.frozen: dict[str, dict[str, Tensor]] = {}
         offset = 0
         for name, lin in modules.items():
-            self.frozen[name] = atype.frozen(spec, lin)
+            # float32 like the adapter values (a bf16 base's SVD factors too); autocast lowers them in training
+            self.frozen[name] = {k: v.float() for k, v in atype.frozen(spec, lin).items()}
             self.layout[name] = {}
             for pname, shape in atype.shapes(spec, lin, self.frozen[name]).items():
                 self.layout[name][pname] = Slice(offset, tuple(shape))
@@ -192,17 +193,23 @@ class StackedLinear(nn.Module):
             if r is None:
                 continue
             frozen = g.frozen[self.name]
+            if r.uniform is not None and not torch.is_grad_enabled() and merge_pays(tokens, self.in_features,
+                                                                                      self.out_features):
+                one = {k: v[r.uniform] for k, v in g.params(self.name).items()}
+                A, B, alpha = g.atype.to_lora(one, frozen, g.spec)
+                W = torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=alpha / A.shape[0])
+                continue
+            # a bf16/fp16 base outside autocast (inference): the adapter runs on its float32 values
+            cast = x.dtype != g.flat.dtype and not torch.is_autocast_enabled(x.device.type)
+            xg = x.to(g.flat.dtype) if cast else x
             if r.uniform is not None:
                 one = {k: v[r.uniform] for k, v in g.params(self.name).items()}
-                if not torch.is_grad_enabled() and merge_pays(tokens, self.in_features, self.out_features):
-                    A, B, alpha = g.atype.to_lora(one, frozen, g.spec)
-                    W = torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=alpha / A.shape[0])
-                    continue
-                d = g.atype.delta_one(x, one, frozen, g.spec)
+                d = g.atype.delta_one(xg, one, frozen, g.spec)
             else:
-                x3 = x if x.dim() == 3 else x.unsqueeze(1)
+                x3 = xg if xg.dim() == 3 else xg.unsqueeze(1)
                 rows = self._stack.gather(g, self.name, r, x3.shape[1])
                 d = g.atype.delta(x3, rows, r.weights, frozen, g.spec).view(*x.shape[:-1], -1)
+            d = d.to(x.dtype) if cast else d
             y = d if y is None else y + d
         if y is None:
             return F.linear(x, W, self.base.bias)

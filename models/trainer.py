@@ -3,6 +3,12 @@
 Each step is a pure function of (seed, step) and the checkpointed state (parameters + Adam moments),
 so a run killed mid-way and resumed from its last checkpoint ends at the same adapters as an
 uninterrupted run on the same machine.
+
+Device placement, autocast, gradient accumulation and data parallelism go through an ``accelerate``
+Accelerator. With N processes (``accelerate launch``) every process builds the same global batch of a step
+and trains its rows ``rank::N``; each task's likelihood is still scaled by the global batch's row counts, and
+the process's likelihood is weighted N so that DDP's gradient mean counts every row once and the prior once.
+The checkpoint is written by the main process and holds no process count: a run resumes with any count.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tasks.atomic import atomic_path
+from tasks.batching import shard
 
+from . import device as device_mod
 from .bora import BoraPrior
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -40,6 +48,8 @@ class TrainReport:
     seconds: float
     tokens: int
     last_nll: float
+    processes: int = 1
+    rows_per_process: tuple[int, ...] = ()  # rows each process trained in this run (gathered, not derived)
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,8 +73,9 @@ class Trainer:
     def __init__(self, prior: BoraPrior, batcher, *, steps: int, lr: float, seed: int, grad_accum: int = 1,
                  lr_schedule: str = "constant",
                  checkpoint_every: int = 20, checkpoint_dir: str | Path | None = None, run_id: dict | None = None,
-                 device: torch.device | None = None, grad_hooks: list[Callable] | None = None,
-                 optimizer_factory: Callable | None = None):
+                 grad_hooks: list[Callable] | None = None, optimizer_factory: Callable | None = None,
+                 accelerator=None):
+        """accelerator: an ``accelerate.Accelerator`` (models/device.py); default: fp32 on the model's device."""
         self.prior, self.batcher = prior, batcher
         self.steps, self.seed, self.grad_accum = steps, seed, grad_accum
         if lr_schedule not in ("constant", "cosine"):
@@ -73,22 +84,35 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
         self.run_id = json.dumps(run_id or {}, sort_keys=True)
-        self.device = device or prior.mtm.device
+        self.acc = accelerator or device_mod.accelerator(prior.mtm.device, "fp32", grad_accum)
+        if self.acc.gradient_accumulation_steps != grad_accum:
+            raise ValueError(f"the accelerator accumulates {self.acc.gradient_accumulation_steps} micro-batches, "
+                             f"the trainer was given grad_accum={grad_accum}")
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if batcher.batch_size < self.world:
+            raise ValueError(f"training.batch_size ({batcher.batch_size}) must be at least the number of "
+                             f"processes ({self.world}): each process trains a share of every batch")
+        self.device = self.acc.device
         self.grad_hooks = grad_hooks or []
         pyro.enable_validation(False)  # support checks on ~10^7 parameters cost more than the prior itself
-        self.prior.loss(self._batch(0, 0))  # materialise the guide's parameters
+        self.prior.likelihood_weight = float(self.world)  # DDP averages: N x (1/N) counts each row once
+        with self.acc.autocast():
+            self.prior.loss(self._batch(0, 0))  # materialise the guide's parameters
         self.named_params = [(n, p) for n, p in self.prior.guide.named_parameters()]
         factory = optimizer_factory or (lambda ps: torch.optim.Adam(ps, lr=lr))
-        self.optimizer = factory([p for _, p in self.named_params])
+        self.guide, self.optimizer = self.acc.prepare(self.prior.guide, factory([p for _, p in self.named_params]))
         self.step = 0
+        self.rows = 0  # rows this process trained in this run
         self.last_nll = float("nan")  # the NLL of the last step taken (restored with a checkpoint)
 
     def _batch(self, step: int, micro: int) -> dict:
-        return {k: v.to(self.device) for k, v in self.batcher.batch(step, micro).items()}
+        """This process's rows of the global batch for (step, micro), on its device."""
+        batch = shard(self.batcher.batch(step, micro), self.rank, self.world)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or not self.acc.is_main_process:
             return
         tensors = {f"param/{n}": p.detach().cpu() for n, p in self.named_params}
         state = self.optimizer.state_dict()
@@ -134,12 +158,20 @@ class Trainer:
         """One optimiser step over ``grad_accum`` micro-batches; returns the mean token NLL."""
         torch.manual_seed(self.seed * 1_000_003 + self.step)  # dropout-style randomness is per step
         self.optimizer.zero_grad(set_to_none=True)
-        nll, tokens = 0.0, 0
+        nll_sum, tokens = 0.0, 0
         for micro in range(self.grad_accum):
-            loss = self.prior.loss(self._batch(self.step, micro)) / self.grad_accum
-            loss.backward()
-            nll += self.prior.last_nll / self.grad_accum
+            with self.acc.accumulate(self.guide):  # DDP syncs the gradients on the last micro-batch only
+                batch = self._batch(self.step, micro)
+                with self.acc.autocast():
+                    loss = self.prior.loss(batch, guide=self.guide)
+                self.acc.backward(loss)  # divides by grad_accum
+            self.rows += len(batch["task_ids"])
+            nll_sum += self.prior.last_nll * self.prior.last_tokens
             tokens += self.prior.last_tokens
+        if self.world > 1:  # the global batch's NLL, as one process would report it
+            both = self.acc.reduce(torch.tensor([nll_sum, float(tokens)], device=self.device), "sum")
+            nll_sum, tokens = float(both[0]), int(both[1])
+        nll = nll_sum / max(tokens, 1)
         if not (math.isfinite(nll) and bool(torch.isfinite(loss.detach()))):
             raise DivergedError(f"training diverged at step {self.step + 1}: the loss is {float(loss.detach()):g} "
                                 f"(NLL {nll:g}); the stored hub was left as it was: lower training.lr")
@@ -158,7 +190,8 @@ class Trainer:
             self.load_checkpoint()
         start, t0, tokens = self.step, time.perf_counter(), 0
         self.prior.mtm.train()
-        bar = tqdm(total=self.steps, initial=start, desc="train", disable=not progress, unit="step")
+        bar = tqdm(total=self.steps, initial=start, desc="train", unit="step",
+                   disable=not (progress and self.acc.is_main_process))
         while self.step < self.steps:
             nll = self.train_step()
             tokens += self._tokens
@@ -170,7 +203,9 @@ class Trainer:
         bar.close()
         self._check_finite()
         self.prior.mtm.eval()
-        return TrainReport(self.steps, start, time.perf_counter() - t0, tokens, self.last_nll)
+        rows = self.acc.gather(torch.tensor([self.rows], device=self.device)) if self.world > 1 else [self.rows]
+        return TrainReport(self.steps, start, time.perf_counter() - t0, tokens, self.last_nll, self.world,
+                           tuple(int(r) for r in rows))
 
     def _check_finite(self) -> None:
         """Never checkpoint or hand back NaN/inf parameters (a finite loss can still overflow a step)."""

@@ -71,6 +71,20 @@ class MixedBatcher:
         return collate(rows, [int(t) for t in tasks], self.pad_id)
 
 
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Process ``rank``'s rows (``rank::world``) of a global batch, with ``task_counts``: the global batch's rows
+    per task (the likelihood scales each task's rows by its data size over this count, whatever the share)."""
+    tids = batch["task_ids"]
+    counts = torch.bincount(tids, minlength=int(tids.max()) + 1)
+    if world == 1:
+        return {**batch, "task_counts": counts}
+    out = {k: v[rank::world] for k, v in batch.items()}
+    width = int(out["attention_mask"].sum(1).max())  # drop the columns only other processes' rows need
+    for k in ("input_ids", "attention_mask", "labels"):
+        out[k] = out[k][:, :width]
+    return {**out, "task_counts": counts}
+
+
 def eval_batches(data: Tokenized, task_id: int, batch_size: int, pad_id: int):
     """Every example once, in order, for held-out perplexity."""
     for i in range(0, len(data.ids), batch_size):

@@ -207,6 +207,8 @@ class TrainingSpec(Strict):
     checkpoint_every: int = Field(20, ge=1)  # steps between atomic checkpoints (resume point)
     eval_docs: int = Field(24, ge=1, le=1_000_000)  # held-out documents per task for `borahub eval`
     seed: int = Field(0, ge=0, le=MAX_SEED)  # torch and numpy seeds derive from it
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, else MPS, else CPU (models/device.py)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the frozen base's; auto: bf16 on CUDA, else fp32
 
 
 class HubConfig(Strict):
