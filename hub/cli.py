@@ -195,15 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hub.errors import USER_ERRORS
     from models.allocator import retain_freed_memory
-
-    retain_freed_memory()  # a CLI run is one job: reuse freed tensors' memory instead of page-faulting it anew
     from models.device import ENV
 
-    for name, var in ENV.items():  # the overrides travel as the environment does (to a server's worker too)
+    retain_freed_memory()  # a CLI run is one job: reuse freed tensors' memory instead of page-faulting it anew
+
+    saved = {var: os.environ.get(var) for var in ENV.values()}
+    for name, var in ENV.items():  # the overrides travel as the environment does, for this command only
         if getattr(args, name, None):
             os.environ[var] = getattr(args, name)
+    try:
+        return _run(args)
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _run(args) -> int:
+    from hub.errors import USER_ERRORS
 
     try:
         return args.func(args)

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from safetensors import safe_open
 
-from models.base import hub_id
+from models.base import base_mismatch, hub_id
 from models.multitask import MultiTaskModel
 from tasks.atomic import UnsafePath, check_relative
 from tasks.schema import TaskName
@@ -233,7 +233,7 @@ def check_consistent(state: dict, manifest: dict, where: str) -> None:
 
 def check_base(manifest: dict, local_fp: dict, local_name: str, where: str) -> None:
     expected = manifest["fingerprint"]
-    if any(expected.get(k) != local_fp[k] for k in ("config_hash", "weights_hash")):
+    if base_mismatch(expected, local_fp):
         raise RemoteError(
             f"{where} was built for base model {manifest['base_model_name']!r} (config hash "
             f"{expected.get('config_hash')}, weights hash {expected.get('weights_hash')}), but the local base model "

@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from models.base import base_mismatch
 from models.multitask import MultiTaskModel
 from tasks.atomic import atomic_path, atomic_write_text
 
@@ -199,8 +200,7 @@ class Router:
         except (SafetensorError, OSError, ValueError) as e:
             raise RouterError(f"{wpath}: corrupt safetensors file ({e}); run `borahub router fit`") from None
         fp = meta.get("fingerprint")
-        if not isinstance(fp, dict) or {k: fp.get(k) for k in ("config_hash", "weights_hash")} != \
-                {k: mtm.fingerprint.get(k) for k in ("config_hash", "weights_hash")}:
+        if not isinstance(fp, dict) or base_mismatch(fp, mtm.fingerprint):
             raise RouterError(f"{jpath}: the router was fitted on another base model; run `borahub router fit`")
         tasks = meta.pop("tasks", None)
         if not isinstance(tasks, list) or not tasks or not all(isinstance(n, str) for n in tasks):

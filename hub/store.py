@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.base import hub_id, load_base
+from models.base import base_mismatch, hub_id, load_base
 from models.multitask import MultiTaskModel
 from models.stacked import GLOBAL, Group
 from models.targets import ALL_LINEAR, leaf_names
@@ -70,7 +70,7 @@ def peft_tensors(mtm: MultiTaskModel, task_id: int) -> tuple[dict[str, torch.Ten
         tensors[f"base_model.model.{m}.lora_B.weight"] = B.float().contiguous()
         ranks[m], alphas[m] = A.shape[0], alpha
     # all-linear: the modules it found, by name (explicit, so the export means the same to any PEFT version)
-    targets = leaf_names(g.layout) if ALL_LINEAR in g.spec.target_modules else sorted(g.spec.target_modules)
+    targets = leaf_names(g.layout) if ALL_LINEAR in g.targets else sorted(g.targets)
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
@@ -168,11 +168,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_fingerprint(expected: dict, actual: dict, where: str) -> None:
-    for key in ("config_hash", "weights_hash"):
-        if expected.get(key) != actual.get(key):
-            raise StoreError(f"{where}: adapters were trained for base model {expected.get('name')!r} "
-                             f"({key} {expected.get(key)}), but the loaded base model {actual.get('name')!r} "
-                             f"has {key} {actual.get(key)}")
+    key = base_mismatch(expected, actual)
+    if key:
+        raise StoreError(f"{where}: adapters were trained for base model {expected.get('name')!r} "
+                         f"({key} {expected.get(key)}), but the loaded base model {actual.get('name')!r} "
+                         f"has {key} {actual.get(key)}")
 
 
 def build(state: dict, lm, tok) -> MultiTaskModel:

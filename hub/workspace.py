@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
 
 from models import device as device_mod
 from models.base import load_base

@@ -99,11 +99,27 @@ VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantiz
 def fingerprint(model, name: str) -> dict:
     """Identify a base model: its name, a hash of its architecture config, a hash of some weights.
 
-    Adapters are checked against this before they are loaded or pulled.
+    Adapters are checked against this (``base_mismatch``) before they are loaded or pulled. ``weights_hash``
+    hashes the sampled weights as loaded; ``weights_hash16`` hashes them rounded to bfloat16, so one model
+    loaded in float32 or bf16 is the same base (a hub trained in bf16 serves in float32 and back).
     """
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
     config_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
     emb = model.get_input_embeddings().weight.detach()
-    sample = emb[: min(8, emb.shape[0])].to(torch.float32).contiguous().numpy().tobytes()
-    weights_hash = hashlib.sha256(sample).hexdigest()[:16]
-    return {"name": name, "config_hash": config_hash, "weights_hash": weights_hash}
+    sample = emb[: min(8, emb.shape[0])].cpu()
+
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    return {"name": name, "config_hash": config_hash, "weights_hash": digest(sample),
+            "weights_hash16": digest(sample.to(torch.bfloat16))}
+
+
+def base_mismatch(expected: dict, actual: dict) -> str | None:
+    """The fingerprint key on which two bases differ, or None when they are the same model (at any precision:
+    compared on ``weights_hash16`` when both have it; fingerprints written before it compare ``weights_hash``)."""
+    weights = "weights_hash16" if expected.get("weights_hash16") and actual.get("weights_hash16") else "weights_hash"
+    for key in ("config_hash", weights):
+        if expected.get(key) != actual.get(key):
+            return key
+    return None

@@ -42,10 +42,10 @@ class RunSettings:
 def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, Tokenized], training: TrainingSpec,
                 tau, settings: RunSettings, *, steps: int | None = None, stored: dict | None = None,
                 checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
-                source: str | Path = "tasks.yaml") -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], TrainReport, bool]:
+                source: str | Path = "tasks.yaml") -> tuple[dict, TrainReport, bool]:
     """Train the tasks in ``tokens`` (all of ``tasks``, or a subset warm-started from ``stored`` params with the
-    others and Theta frozen). Returns (params per group, report, whether this is the main process: only it
-    should save)."""
+    others and Theta frozen). Returns ({group key: (theta, Theta)} in float32 on the CPU, the report, whether
+    this is the main process: only it should save)."""
     names = [t.name for t in tasks]
     chosen = [n for n in names if n in tokens]
     subset = len(chosen) < len(names)
@@ -83,7 +83,8 @@ def run_id(mtm: MultiTaskModel, tasks: list[TaskSpec], chosen: list[str], tau, s
     """What a checkpoint must match to be resumed: never the process count, device or precision, so a run
     resumes on any of them (the global batch of a step is the same)."""
     return {"tasks": [x.name for x in tasks], "train": chosen, "tau": tau, "seed": t.seed, "steps": steps,
-            "batch": t.batch_size, "lr": t.lr, "lr_schedule": t.lr_schedule, "base": mtm.fingerprint,
+            "batch": t.batch_size, "lr": t.lr, "lr_schedule": t.lr_schedule,
+            "base": {k: v for k, v in mtm.fingerprint.items() if k != "weights_hash"},  # the same at any precision
             "sampling": t.sampling, "max_length": t.max_length, "grad_accum": t.grad_accum,
             "adapters": {x.name: [mtm.locate(i)[0].key,  # a resume must not mix optimiser setups
                                   x.hiddenkey and x.hiddenkey.model_dump(), x.gmt and x.gmt.model_dump()]

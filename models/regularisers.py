@@ -60,7 +60,8 @@ class HiddenKeyLoss:
             extra = torch.zeros_like(nll)
             rows = self.on[t].nonzero().squeeze(1)
             if len(rows):
-                sub = {k: v[rows.to(v.device)] for k, v in batch.items()}
+                sub = {k: batch[k][rows.to(batch[k].device)]  # per-row tensors (not the batch's task_counts)
+                       for k in ("input_ids", "attention_mask", "labels", "task_ids")}
                 self.hk.set_rows(self.key_rate[t[rows]], self.hidden_rate[t[rows]])
                 logits2 = self.mtm(sub["input_ids"], sub["attention_mask"], sub["task_ids"]).logits
                 nll2, _ = self.mtm.row_nll(sub, logits2)

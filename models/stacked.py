@@ -23,7 +23,7 @@ from tasks.schema import AdapterSpec
 from . import routing as routing_state
 from .adapter import AdapterType
 from .routing import GLOBAL, GroupRouting, Routing  # noqa: F401 (GLOBAL re-exported)
-from .targets import ALL_LINEAR, as_linear, is_conv1d, targeted
+from .targets import ALL_LINEAR, as_linear, is_conv1d, resolve_targets, targeted
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Group(nn.Module):
                 offset += self.layout[name][pname].numel
         self.dim = offset
         self.fan_in_fan_out = False  # set by build_stack when the wrapped modules store (in, out) weights (Conv1D)
+        self.targets = list(spec.target_modules)  # as resolved for this base model by build_stack
         self.theta_slot = len(self.task_ids)
         self.register_buffer("flat", torch.zeros(self.theta_slot + 1, self.dim), persistent=False)
         # slot_map[global_id + 1] -> slot in this group, -1 when the task is not in this group.
@@ -249,7 +250,8 @@ def build_stack(model: nn.Module, groups_spec: list[tuple[str, AdapterSpec, Adap
     views: dict[str, nn.Linear] = {}
     groups = []
     for i, (key, spec, atype, ids) in enumerate(groups_spec):
-        found = targeted(model, spec.target_modules)
+        targets = resolve_targets(model, spec.target_modules)  # the default means each architecture's projections
+        found = targeted(model, targets)
         if not found:
             raise ConfigError([f"adapter.target_modules: no Linear module of the base model matches "
                                f"{spec.target_modules} (adapter group {key}); '{ALL_LINEAR}' adapts every one"])
@@ -258,6 +260,7 @@ def build_stack(model: nn.Module, groups_spec: list[tuple[str, AdapterSpec, Adap
             views.setdefault(n, as_linear(m))  # one view per module, shared by the groups that target it
         group = Group(key, spec, atype, ids, n_tasks, {n: views[n] for n in found}, primary=(i == 0))
         group.fan_in_fan_out = any(is_conv1d(m) for m in found.values())  # stored (in, out), as GPT-2's Conv1D
+        group.targets = targets
         groups.append(group)
     stack = AdapterStack(groups)
     for name in sorted({n for g in groups for n in g.layout}):

@@ -1,7 +1,12 @@
-"""Which modules of a base model an adapter wraps: PEFT's name rule, ``all-linear``, and GPT-2's Conv1D.
+"""Which modules of a base model an adapter wraps: PEFT's name rule, ``all-linear``, per-architecture
+defaults, and GPT-2's Conv1D.
 
 ``target_modules`` follows PEFT: a module is targeted when its name equals a target or ends with "." + target;
-``all-linear`` (as PEFT) targets every Linear except the output layer. GPT-2-style ``Conv1D`` layers (weight
+``all-linear`` (as PEFT) targets every Linear except the output layer. The default (``DEFAULT_TARGETS``: every
+attention and MLP projection, in Llama's names) means the same projections on architectures that name them
+otherwise (``ARCHITECTURE_TARGETS``, by ``config.model_type``: Phi-3's fused qkv_proj / gate_up_proj, GPT-2's
+c_attn / c_proj / c_fc, ...); on an unknown architecture where none of those names exists it means
+``all-linear``. GPT-2-style ``Conv1D`` layers (weight
 stored as (in, out)) are adapted too: the stacked layer sees them through a Linear that views the same weight
 transposed (no copy), and their PEFT export says ``fan_in_fan_out``.
 """
@@ -9,7 +14,33 @@ from __future__ import annotations
 
 from torch import nn
 
+from tasks.schema import ALL_PROJECTIONS
+
 ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = ALL_PROJECTIONS  # the schema's default
+# Attention and MLP projections of architectures whose names differ from Llama's.
+ARCHITECTURE_TARGETS = {
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "gpt_bigcode": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The targets to apply: ``targets`` as given, except the default, which becomes the architecture's own
+    projection names (or all-linear where the model has none of the default names and no entry here)."""
+    if list(targets) != DEFAULT_TARGETS:
+        return list(targets)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURE_TARGETS:
+        return list(ARCHITECTURE_TARGETS[model_type])
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
+    return list(targets) if any(matches(n, targets) for n in names) else [ALL_LINEAR]
 
 
 def matches(name: str, targets: list[str]) -> bool:

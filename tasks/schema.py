@@ -41,6 +41,7 @@ def _task_name(v: str) -> str:
 # A task name wherever one is read (tasks.yaml, a store's hub.json, a pulled manifest): it names a folder.
 TaskName = Annotated[str, AfterValidator(_task_name)]
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+# every attention and MLP projection (Llama's names; models/targets.py maps them for other architectures)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -101,3 +101,46 @@ def test_all_linear_is_spelled_as_peft_does_and_stands_alone():
     assert AdapterSpec(target_modules=["all-linear"]).target_modules == ["all-linear"]
     with pytest.raises(ValidationError, match="stands alone"):
         AdapterSpec(target_modules=["all-linear", "q_proj"])
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("qwen2", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ("phi3", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
+    ("gpt2", ["c_attn", "c_fc", "c_proj"]),
+])
+def test_the_default_targets_mean_each_architectures_projections(name, expected, tmp_path):
+    """Left at its default, target_modules adapts every attention and MLP projection under the architecture's
+    own names (Phi-3 would otherwise get only o_proj and down_proj, GPT-2 nothing); the export says the same."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hub.store import write_peft
+    from models.multitask import MultiTaskModel
+    from models.targets import leaf_names
+    from tasks.schema import AdapterSpec
+
+    lm = AutoModelForCausalLM.from_config(family_config(name)).eval()
+    mtm = MultiTaskModel(lm, tiny_tokenizer(), name, [("a", AdapterSpec(rank=2, alpha=4))])
+    (group,) = mtm.groups
+    assert leaf_names(group.layout) == expected
+    per_layer = 4 if name == "gpt2" else len(expected)  # GPT-2 has a c_proj in attention and one in the MLP
+    assert len(group.layout) == 2 * per_layer  # every projection of both layers
+    write_peft(mtm, 0, tmp_path / "a")
+    assert sorted(json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]) == expected
+
+
+def test_an_unknown_architecture_without_the_default_names_gets_all_linear():
+    from torch import nn
+
+    from models.targets import ALL_LINEAR, resolve_targets
+    from tasks.schema import ALL_PROJECTIONS
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "odd"})()
+            self.w_in, self.w_out = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    assert resolve_targets(Odd(), list(ALL_PROJECTIONS)) == [ALL_LINEAR]
+    assert resolve_targets(Odd(), ["w_in"]) == ["w_in"]  # what a user names is taken as named
