@@ -29,6 +29,9 @@ def test_bf16_trains_evaluates_exports_and_loads_in_peft(tmp_path, tiny_model_di
     res = json.loads(capsys.readouterr().out)
     assert all(1 < r["perplexity"] < 1e4 for r in res.values())
     assert main(["--config", str(config), "export", "sport", "--out", str(tmp_path / "peft")]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(config), "generate", "a match", "--max-new-tokens", "4"]) == 0  # routed, bf16
+    assert capsys.readouterr().out.strip()
 
     ws = Workspace(config)
     mtm, _ = ws.trained_model()
