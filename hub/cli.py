@@ -68,6 +68,8 @@ def cmd_train(args) -> int:
     ws = Workspace(args.config)
     report = ws.train(_tasks_arg(args.tasks), steps=args.steps, tau=args.tau, resume=args.resume,
                       progress=not args.quiet)
+    if not report.main_process:
+        return 0
     print(f"trained {report.steps - report.start_step} steps (from step {report.start_step}) in "
           f"{report.seconds:.1f}s, {report.tokens_per_s:.0f} tokens/s, last NLL {report.last_nll:.3f}; "
           f"store: {ws.store}")

@@ -100,6 +100,9 @@ class Workspace:
         store_mod.check_target(self.store)  # before any work: never train for a store that cannot be saved
         tau = cfg.prior.tau if tau is None else tau
         if tau == "auto":
+            if device_mod.launched_processes() > 1:
+                raise ConfigError(["prior.tau: 'auto' trains and evaluates several runs in turn and runs in one "
+                                   "process; under a launcher give tau a number"], self.config_path)
             from .tau_search import search_tau
 
             return search_tau(self, names, steps, progress, fit_router=fit_router)
@@ -114,10 +117,10 @@ class Workspace:
             stored_info = {t["name"]: {k: v for k, v in t.items() if k not in ("name", "group", "adapter")}
                            for t in state["tasks"]}
         tokens = {n: self.tokens(n, "train") for n in cfg.task_names if n in chosen}
-        params, report, main = train_tasks(mtm, cfg.tasks, tokens, tcfg, tau, self.settings(), steps=steps,
+        params, report = train_tasks(mtm, cfg.tasks, tokens, tcfg, tau, self.settings(), steps=steps,
                                            stored=stored, checkpoint_dir=store_mod.checkpoint_dir(self.store),
                                            resume=resume, progress=progress, source=self.config_path)
-        if not main:  # data-parallel run: one process saves
+        if not report.main_process:  # data-parallel run: one process saves
             return report
         mtm.set_params(params)
         info = {n: {"n_train": len(self.data(n).train), "n_test": len(self.data(n).test)} if n in chosen

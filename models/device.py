@@ -62,13 +62,18 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def launched_processes() -> int:
+    """How many processes a launcher (accelerate launch, torchrun) started for this job; 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def accelerator(device: torch.device, precision: str, grad_accum: int):
     """The Accelerator for one training run. In a single process a run may follow another with other settings
     (a tau search, tests), so accelerate's process-wide state is reset first; under a launcher it is kept."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if launched_processes() == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         PartialState._reset_state()

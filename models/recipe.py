@@ -42,10 +42,10 @@ class RunSettings:
 def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, Tokenized], training: TrainingSpec,
                 tau, settings: RunSettings, *, steps: int | None = None, stored: dict | None = None,
                 checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
-                source: str | Path = "tasks.yaml") -> tuple[dict, TrainReport, bool]:
+                source: str | Path = "tasks.yaml") -> tuple[dict, TrainReport]:
     """Train the tasks in ``tokens`` (all of ``tasks``, or a subset warm-started from ``stored`` params with the
-    others and Theta frozen). Returns ({group key: (theta, Theta)} in float32 on the CPU, the report, whether
-    this is the main process: only it should save)."""
+    others and Theta frozen). Returns ({group key: (theta, Theta)} in float32 on the CPU, the report; only the
+    report's main process should save)."""
     names = [t.name for t in tasks]
     chosen = [n for n in names if n in tokens]
     subset = len(chosen) < len(names)
@@ -75,7 +75,7 @@ def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, To
     params = {k: (theta.float().cpu(), Theta.float().cpu()) for k, (theta, Theta) in prior.values().items()}
     if frozen_ids:  # tau = 0 would reset Theta to the task mean; a subset run keeps the stored one
         params = {k: (theta, init[k][1].cpu()) for k, (theta, _) in params.items()}
-    return params, report, acc.is_main_process
+    return params, report
 
 
 def run_id(mtm: MultiTaskModel, tasks: list[TaskSpec], chosen: list[str], tau, steps: int,

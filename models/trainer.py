@@ -50,6 +50,7 @@ class TrainReport:
     last_nll: float
     processes: int = 1
     rows_per_process: tuple[int, ...] = ()  # rows each process trained in this run (gathered, not derived)
+    main_process: bool = True  # False on the other processes of a data-parallel run (they neither save nor print)
 
     @property
     def tokens_per_s(self) -> float:
@@ -205,7 +206,7 @@ class Trainer:
         self.prior.mtm.eval()
         rows = self.acc.gather(torch.tensor([self.rows], device=self.device)) if self.world > 1 else [self.rows]
         return TrainReport(self.steps, start, time.perf_counter() - t0, tokens, self.last_nll, self.world,
-                           tuple(int(r) for r in rows))
+                           tuple(int(r) for r in rows), self.acc.is_main_process)
 
     def _check_finite(self) -> None:
         """Never checkpoint or hand back NaN/inf parameters (a finite loss can still overflow a step)."""

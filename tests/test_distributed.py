@@ -83,10 +83,13 @@ def test_a_killed_two_process_run_resumes_in_one_process(one_process, tmp_path, 
     assert run_record(tmp_path)["steps_run"] == TRAINING["steps"] - 3
 
 
-def test_a_batch_smaller_than_the_process_count_is_refused(tmp_path, tiny_model_dir):
+def test_what_one_process_must_do_alone_is_refused_with_one_line(tmp_path, tiny_model_dir):
     write_tiny_registry(tmp_path, tiny_model_dir, training={**TRAINING, "batch_size": 1, "grad_accum": 1})
     done = launch(["-m", "hub.cli"], "train", "--quiet", cwd=tmp_path)
     assert done.returncode != 0  # the launcher's own code; each process exited 2 with the one line below
     assert "training.batch_size: 1 is less than the number of processes (2)" in done.stderr
+    auto = launch(["-m", "hub.cli"], "train", "--quiet", "--tau", "auto", cwd=tmp_path)
+    assert auto.returncode != 0 and "prior.tau: 'auto' trains and evaluates several runs" in auto.stderr
+    done.stderr += auto.stderr
     for ours in ("hub", "models", "tasks"):  # no traceback through our code
         assert f'File "{REPO / ours}' not in done.stderr
