@@ -31,6 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.peft_twins import copy_group_into, peft_multi, per_task_loop  # noqa: E402
 from models import device as device_mod  # noqa: E402
 from models.base import load_base, prepare  # noqa: E402
 from models.bora import BoraPrior  # noqa: E402
@@ -133,19 +134,8 @@ def peft_steps(lm, batch: dict, dev: torch.device, autocast: bool):
         loss(single, batch).backward()
         opt1.step()
 
-    multi = get_peft_model(copy.deepcopy(lm), cfg, adapter_name="t0").train()
-    for i in range(1, TASKS):
-        multi.add_adapter(f"t{i}", cfg)
-    opt2 = torch.optim.Adam([p for n, p in multi.named_parameters() if "lora_" in n], lr=1e-4)
-    rows = {t: (batch["task_ids"] == t).nonzero().flatten() for t in range(TASKS)}
-
-    def loop_step():
-        opt2.zero_grad()
-        for t, idx in rows.items():
-            if len(idx):
-                multi.set_adapter(f"t{t}")
-                loss(multi, {k: v[idx] for k, v in batch.items()}).backward()
-        opt2.step()
+    multi = peft_multi(copy.deepcopy(lm), cfg, TASKS).train()
+    loop_step = per_task_loop(multi, batch, TASKS, loss, 1e-4)
 
     return single_step, loop_step, (single, multi)
 
@@ -163,7 +153,7 @@ def train_part(name: str, args, dev: torch.device) -> dict:
 
 
 def forward_part(name: str, args, dev: torch.device) -> dict:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     base = base_model(name, torch.bfloat16, dev)
     n = max(args.counts)
@@ -173,16 +163,8 @@ def forward_part(name: str, args, dev: torch.device) -> dict:
     mtm.set_params({g.key: (flat[:-1], flat[-1])})
     cfg = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(ALL_PROJECTIONS), lora_dropout=0.0,
                      init_lora_weights=False)
-    pm = get_peft_model(copy.deepcopy(base), cfg, adapter_name="t0")
-    for i in range(1, n):
-        pm.add_adapter(f"t{i}", cfg)
-    with torch.no_grad():  # the same adapters in PEFT
-        for mod_name, module in pm.named_modules():
-            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and module.lora_A:
-                p = g.params(mod_name.removeprefix("base_model.model."))
-                for i in range(n):
-                    module.lora_A[f"t{i}"].weight.copy_(p["A"][i])
-                    module.lora_B[f"t{i}"].weight.copy_(p["B"][i])
+    pm = peft_multi(copy.deepcopy(base), cfg, n)
+    copy_group_into(pm, g, n)  # the same adapters in PEFT
     pm.eval()
     batch = lm_batch(base.config.vocab_size, args.rows, args.tokens, dev)
     ids, mask, rows = batch["input_ids"], batch["attention_mask"], torch.arange(args.rows, device=dev)

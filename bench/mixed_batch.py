@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.peft_twins import copy_group_into, peft_multi  # noqa: E402
 from models.allocator import retain_freed_memory  # noqa: E402
 from models.base import load_base  # noqa: E402
 from models.multitask import MultiTaskModel  # noqa: E402
@@ -61,22 +62,14 @@ def random_adapters(n_adapters: int, rank: int, seed: int) -> MultiTaskModel:
 
 def build(n_adapters: int, rank: int, seed: int):
     """Our model with n random adapters, a PEFT model with the same adapters, and a plain base copy."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     mtm = random_adapters(n_adapters, rank, seed)
     g = mtm.groups[0]
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(ALL_PROJECTIONS), lora_dropout=0.0,
                      init_lora_weights=False)
-    pm = get_peft_model(load_base("smollm2-135m")[0], cfg, adapter_name="t0")
-    for i in range(1, n_adapters):
-        pm.add_adapter(f"t{i}", cfg)
-    with torch.no_grad():
-        for name, module in pm.named_modules():
-            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and module.lora_A:
-                p = g.params(name.removeprefix("base_model.model."))
-                for i in range(n_adapters):
-                    module.lora_A[f"t{i}"].weight.copy_(p["A"][i])
-                    module.lora_B[f"t{i}"].weight.copy_(p["B"][i])
+    pm = peft_multi(load_base("smollm2-135m")[0], cfg, n_adapters)
+    copy_group_into(pm, g, n_adapters)
     pm.eval()
     base, _ = load_base("smollm2-135m")
     return mtm, pm, base

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.peft_twins import peft_multi, per_task_loop  # noqa: E402
 from models.base import load_base  # noqa: E402
 from models.bora import BoraPrior, plain_penalty  # noqa: E402
 from models.multitask import MultiTaskModel  # noqa: E402
@@ -95,20 +96,8 @@ def peft_steps(name: str, spec: AdapterSpec, batch: dict):
         lm_loss(single, batch).backward()
         opt1.step()
 
-    multi = get_peft_model(load_base(name)[0], cfg, adapter_name="t0").train()
-    for i in range(1, TASKS):
-        multi.add_adapter(f"t{i}", cfg)
-    all_lora = [p for n, p in multi.named_parameters() if "lora_" in n]
-    opt2 = torch.optim.Adam(all_lora, lr=1e-3)
-    rows = {t: (batch["task_ids"] == t).nonzero().flatten() for t in range(TASKS)}
-
-    def loop_step():
-        opt2.zero_grad()
-        for t, idx in rows.items():
-            if len(idx):
-                multi.set_adapter(f"t{t}")
-                lm_loss(multi, {k: v[idx] for k, v in batch.items()}).backward()
-        opt2.step()
+    multi = peft_multi(load_base(name)[0], cfg, TASKS).train()
+    loop_step = per_task_loop(multi, batch, TASKS, lm_loss, 1e-3)
 
     return single_step, loop_step
 
