@@ -23,7 +23,8 @@ def _tau_arg(value: str):
     try:
         return PriorSpec(tau=value).tau
     except Exception:  # noqa: BLE001 - pydantic's message is reworded here
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, 'shared' or 'auto' (got {value!r})") from None
+        raise argparse.ArgumentTypeError(
+            f"must be a number >= 0, 'shared', 'auto' or 'search' (got {value!r})") from None
 
 
 def cmd_tasks_validate(args) -> int:
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train task adapters jointly under the BoRA prior")
     tr.add_argument("--tasks", help="comma-separated subset to train; the others and Theta stay frozen")
     tr.add_argument("--steps", type=_positive, help="optimiser steps (default: training.steps)")
-    tr.add_argument("--tau", type=_tau_arg, help="prior precision: a number >= 0, 'shared' or 'auto'")
+    tr.add_argument("--tau", type=_tau_arg, help="prior precision: a number >= 0, 'shared', 'auto' (learned in "
+                    "the run) or 'search' (chosen on validation over several runs)")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)

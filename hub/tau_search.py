@@ -1,4 +1,4 @@
-"""`tau: auto`: choose the prior precision on the validation split, without a hand-made grid.
+"""`tau: search`: choose the prior precision on the validation split, without a hand-made grid.
 
 MAP over tau jointly with the adapters collapses (tau -> infinity, every theta_t -> Theta), so tau is chosen
 by held-out evidence instead: a one-dimensional search over log10(tau) in [LOG_LO, LOG_HI] that minimises the
@@ -54,7 +54,7 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
                evaluations: int = EVALUATIONS, log_range: tuple[float, float] = (LOG_LO, LOG_HI)):
     """Train at the tau with the best mean validation perplexity; returns that run's TrainReport."""
     if names:
-        raise ConfigError(["--tasks: tau 'auto' searches tau for the whole hub; give a number to train a subset"],
+        raise ConfigError(["--tasks: tau 'search' searches tau for the whole hub; give a number to train a subset"],
                           ws.config_path)
     final_store, steps = ws.store, steps or ws.cfg.training.steps
     store_mod.check_target(final_store)

@@ -88,7 +88,8 @@ class Workspace:
               progress: bool = True, fit_router: bool = True) -> TrainReport:
         """Train (all tasks, or ``names`` with the rest frozen) and save the store.
 
-        tau: overrides the registry's; "auto" searches it on the validation split (hub/tau_search.py).
+        tau: overrides the registry's; "auto" learns it in this run (models/tau_eb.py), "search" chooses it on the
+        validation split over several runs (hub/tau_search.py).
         fit_router: refit the router on the new adapters (skipped for intermediate runs of a search).
         """
         cfg, tcfg = self.cfg, self.cfg.training
@@ -99,9 +100,9 @@ class Workspace:
             raise ConfigError([f"--steps: must be >= 1 (got {steps})"], self.config_path)
         store_mod.check_target(self.store)  # before any work: never train for a store that cannot be saved
         tau = cfg.prior.tau if tau is None else tau
-        if tau == "auto":
+        if tau == "search":
             if device_mod.launched_processes() > 1:
-                raise ConfigError(["prior.tau: 'auto' trains and evaluates several runs in turn and runs in one "
+                raise ConfigError(["prior.tau: 'search' trains and evaluates several runs in turn and runs in one "
                                    "process; under a launcher give tau a number"], self.config_path)
             from .tau_search import search_tau
 
@@ -126,9 +127,11 @@ class Workspace:
         info = {n: {"n_train": len(self.data(n).train), "n_test": len(self.data(n).test)} if n in chosen
                 else stored_info.get(n, {}) for n in cfg.task_names}
         specs = {t.name: cfg.adapter_of(t) for t in cfg.tasks}
-        store_mod.save(self.store, mtm, tau, info, specs,
-                       metrics={"steps": report.steps, "train_nll": report.last_nll,
-                                "run": self.settings().record(report, tcfg)})
+        metrics = {"steps": report.steps, "train_nll": report.last_nll, "run": self.settings().record(report, tcfg)}
+        if tau == "auto":
+            metrics["tau_auto"] = {"method": "empirical Bayes in the run (models/tau_eb.py)", "tau": report.tau,
+                                   "history": report.tau_history}
+        store_mod.save(self.store, mtm, report.tau if tau == "auto" else tau, info, specs, metrics=metrics)
         if fit_router:
             router_mod.fit_and_save(self, mtm, progress=progress)  # after save: save rebuilds the store folder
         return report

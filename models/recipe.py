@@ -20,7 +20,11 @@ from . import device as device_mod
 from .bora import BoraPrior, site_of
 from .multitask import MultiTaskModel
 from .regularisers import training_extras
+from .tau_eb import EvidenceTau
 from .trainer import Trainer, TrainReport
+
+
+TAU0 = 1.0  # tau: auto starts here (a weak tie) and learns tau by the evidence update after a warm-up
 
 
 @dataclass
@@ -59,10 +63,19 @@ def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, To
     sizes = torch.tensor([len(tokens[n].ids) if n in tokens else 0 for n in names], dtype=torch.float32)
     batcher = MixedBatcher({i: tokens[n] for i, n in enumerate(names) if n in tokens},
                            training.batch_size, training.sampling, training.seed, mtm.tokenizer.pad_token_id)
-    extras = training_extras(mtm, tasks, tau, training.lr)  # HiddenKey loss, GMT mask + masked Adam
-    prior = BoraPrior(mtm, tau, sizes, init, loss_terms=extras.loss_terms, centred=extras.centred_groups)
+    learn_tau = tau == "auto"
+    if learn_tau and subset:
+        raise ConfigError(["--tasks: tau 'auto' learns tau from every task's offsets; train a subset at a number "
+                           "(the stored hub's tau)"], source)
+    start_tau = TAU0 if learn_tau else tau
+    extras = training_extras(mtm, tasks, start_tau, training.lr)  # HiddenKey loss, GMT mask + masked Adam
+    prior = BoraPrior(mtm, start_tau, sizes, init, loss_terms=extras.loss_terms, centred=extras.centred_groups)
     steps = steps or training.steps
     hooks = ([freeze_hook(prior, frozen_ids)] if frozen_ids else []) + extras.grad_hooks
+    if learn_tau:
+        share = torch.zeros(len(names))
+        share[torch.as_tensor(batcher.tasks)] = torch.as_tensor(batcher.probs, dtype=torch.float32)
+        hooks.append(EvidenceTau(prior, share * training.batch_size * training.grad_accum, sizes, steps, TAU0))
     acc = device_mod.accelerator(settings.device, settings.precision, training.grad_accum)
     if training.batch_size < acc.num_processes:
         raise ConfigError([f"training.batch_size: {training.batch_size} is less than the number of processes "
@@ -72,6 +85,8 @@ def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, To
                       checkpoint_dir=checkpoint_dir, run_id=run_id(mtm, tasks, chosen, tau, steps, training),
                       grad_hooks=hooks, optimizer_factory=extras.optimizer_factory, accelerator=acc)
     report = trainer.fit(resume=resume, progress=progress)
+    if learn_tau:
+        report.tau_history = hooks[-1].history
     params = {k: (theta.float().cpu(), Theta.float().cpu()) for k, (theta, Theta) in prior.values().items()}
     if frozen_ids:  # tau = 0 would reset Theta to the task mean; a subset run keeps the stored one
         params = {k: (theta, init[k][1].cpu()) for k, (theta, _) in params.items()}

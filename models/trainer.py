@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyro
@@ -51,6 +51,8 @@ class TrainReport:
     processes: int = 1
     rows_per_process: tuple[int, ...] = ()  # rows each process trained in this run (gathered, not derived)
     main_process: bool = True  # False on the other processes of a data-parallel run (they neither save nor print)
+    tau: float | str | None = None  # the prior's tau at the end (learned under tau: auto)
+    tau_history: list = field(default_factory=list)  # (step, tau) while tau: auto learned it
 
     @property
     def tokens_per_s(self) -> float:
@@ -120,6 +122,9 @@ class Trainer:
         for i, st in state["state"].items():
             for k, v in st.items():
                 tensors[f"opt/{i}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu()
+        for i, hook in enumerate(self.grad_hooks):  # hooks with state (the evidence tau) resume with it
+            if hasattr(hook, "state_dict"):
+                tensors.update({f"hook/{i}/{k}": v.detach().cpu() for k, v in hook.state_dict().items()})
         meta = {"step": str(self.step), "run": self.run_id, "param_groups": json.dumps(state["param_groups"]),
                 "nll": repr(self.last_nll)}
         _save_atomic(tensors, meta, self.checkpoint_path)
@@ -145,6 +150,11 @@ class Trainer:
                 _, i, k = key.split("/", 2)
                 state.setdefault(int(i), {})[k] = v.to(self.device)
         self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        for i, hook in enumerate(self.grad_hooks):
+            if hasattr(hook, "load_state_dict"):
+                prefix = f"hook/{i}/"
+                hook.load_state_dict({k[len(prefix):]: v.to(self.device) if not k.endswith("history") else v
+                                      for k, v in tensors.items() if k.startswith(prefix)})
         self.step = int(meta["step"])
         self.last_nll = float(meta.get("nll", "nan"))
         return True
@@ -206,7 +216,7 @@ class Trainer:
         self.prior.mtm.eval()
         rows = self.acc.gather(torch.tensor([self.rows], device=self.device)) if self.world > 1 else [self.rows]
         return TrainReport(self.steps, start, time.perf_counter() - t0, tokens, self.last_nll, self.world,
-                           tuple(int(r) for r in rows), self.acc.is_main_process)
+                           tuple(int(r) for r in rows), self.acc.is_main_process, self.prior.tau)
 
     def _check_finite(self) -> None:
         """Never checkpoint or hand back NaN/inf parameters (a finite loss can still overflow a step)."""

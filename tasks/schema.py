@@ -172,7 +172,7 @@ class TaskSpec(Strict):
 class PriorSpec(Strict):
     """BoRA prior theta_t ~ N(Theta, tau^-1 I). tau is a Gaussian precision (see docs/bora.md)."""
 
-    tau: float | Literal["shared", "auto"] = 1.0
+    tau: float | Literal["shared", "auto", "search"] = 1.0
 
     @field_validator("tau", mode="before")
     @classmethod
@@ -182,17 +182,19 @@ class PriorSpec(Strict):
             if low in ("shared", "inf", "infinity"):
                 return "shared"
             if low == "auto":
-                return "auto"  # chosen on the validation split (hub/tau_search.py)
+                return "auto"  # learned in the training run by empirical Bayes (models/tau_eb.py)
+            if low == "search":
+                return "search"  # chosen on the validation split over several runs (hub/tau_search.py)
             try:
                 v = float(low)
             except ValueError:
-                raise ValueError(f"must be a number >= 0, 'shared' or 'auto' (got {v!r})") from None
+                raise ValueError(f"must be a number >= 0, 'shared', 'auto' or 'search' (got {v!r})") from None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"must be a number >= 0, 'shared' or 'auto' (got {v!r})")
+            raise ValueError(f"must be a number >= 0, 'shared', 'auto' or 'search' (got {v!r})")
         if math.isinf(v) and v > 0:
             return "shared"
         if not math.isfinite(v) or v < 0:
-            raise ValueError(f"must be a number >= 0, 'shared' or 'auto' (got {v!r})")
+            raise ValueError(f"must be a number >= 0, 'shared', 'auto' or 'search' (got {v!r})")
         return float(v)
 
 

@@ -1,4 +1,4 @@
-"""The tau sweep's code path at tiny scale, and tau: auto."""
+"""The tau sweep's code path at tiny scale (grid, tau auto in one run, tau search, seed means), HWU64 tasks."""
 from __future__ import annotations
 
 import json
@@ -17,27 +17,56 @@ from hub.workspace import Workspace  # noqa: E402
 
 
 def test_sweep_and_plots_at_tiny_scale(tiny_registry, tmp_path):
-    result = bora_sweep.run_sweep(tiny_registry, [0, 10, "shared"], auto_evaluations=3)
-    assert set(result["runs"]) == {"0", "10", "shared"}
-    assert set(result["per_task"]) == {"cooking", "finance", "sport"}
-    assert result["best_grid_tau"] == "10"  # the only middle value
-    tried = result["auto"]["search"]["tried"]
-    assert len(tried) == 3 and result["auto"]["tau"] == min(tried, key=lambda t: t["val_perplexity"])["tau"]
-    # every candidate is a full-budget run at a different tau
-    assert len({t["tau"] for t in tried}) == 3 and {t["steps"] for t in tried} == {6}
+    result = bora_sweep.run_sweep(tiny_registry, [0, 10, "shared"], search_evaluations=2)
+    assert set(result["runs"]) == {"0", "10", "shared", "auto"}
+    summary = bora_sweep.summarise(result["runs"])
+    assert set(summary["per_task"]) == {"cooking", "finance", "sport"}
+    assert summary["best_grid_tau"] == "10"  # the only middle value
+    assert isinstance(result["runs"]["auto"]["tau"], float) and result["runs"]["auto"]["tau_history"]
+    assert summary["auto_time_vs_one_run"] > 0
+    tried = result["search"]["search"]["tried"]
+    assert len(tried) == 2 and result["search"]["tau"] == min(tried, key=lambda t: t["val_perplexity"])["tau"]
+    assert len({t["tau"] for t in tried}) == 2 and {t["steps"] for t in tried} == {6}  # full-budget candidates
     # tau=0 and tau=shared really are different models
     assert result["runs"]["0"]["perplexity"] != result["runs"]["shared"]["perplexity"]
-    result["auto"]["search"] = {}
-    figs = bora_sweep.plot(result, tmp_path)
+    per_seed = [{"seed": 0, **result, **summary}]
+    report = {"data": "bbc", "per_seed": per_seed, **bora_sweep.across_seeds(per_seed),
+              "command": "x", "machine": "y", "date": "z"}
+    figs = bora_sweep.plot(report, tmp_path)
     assert all(Path(f).stat().st_size > 1000 for f in figs)
-    json.dumps(result, default=str)
-    md = bora_sweep.table(result | {"command": "x", "machine": "y", "date": "z"})
-    assert md.count("\n| ") == 4 and "tau=shared" in md  # header + 3 tasks + mean
+    json.dumps(report, default=str)
+    md = bora_sweep.table(report)
+    assert md.count("\n| ") == 5 and "tau=shared" in md and "tau auto" in md  # header + 3 tasks + mean
 
 
-def test_tau_auto_in_the_registry_picks_and_records_a_tau(tiny_registry):
+def test_seed_means_and_spread():
+    def run(tau, a, b):
+        return {"tau": tau, "n_train": {"x": 5, "y": 50}, "perplexity": {"x": a, "y": b}, "train_seconds": 10.0}
+
+    seeds = [{"seed": s, "runs": {"0": run(0, 30 + s, 20), "10": run(10, 20, 10 + 2 * s),
+                                  "shared": run("shared", 25, 15), "auto": run(7.0 + s, 21, 11)}} for s in (0, 1)]
+    agg = bora_sweep.across_seeds(seeds)
+    assert agg["runs"]["0"]["perplexity"] == {"x": 30.5, "y": 20}
+    assert agg["mean_perplexity_spread"]["0"] == pytest.approx(0.25) and agg["mean_perplexity_spread"]["shared"] == 0
+    assert agg["best_grid_tau"] == "10" and agg["best_beats_both_on_every_task"]
+    assert agg["mean_gain_vs_better_extreme"] == pytest.approx(1 - 15.5 / 20)
+    assert agg["auto_vs_best_grid"] == pytest.approx(16 / 15.5 - 1) and agg["runs"]["auto"]["tau"] == [7.0, 8.0]
+
+
+def test_hwu64_registry_has_unequal_scenario_tasks(tmp_path):
+    from tasks.registry import load_config
+
+    cfg_path = bora_sweep.hwu_registry(tmp_path, bora_sweep.QUICK, 0)
+    cfg = load_config(cfg_path)
+    assert [t.name for t in cfg.tasks] == list(bora_sweep.HWU_SIZES)
+    ws = Workspace(cfg_path)
+    sizes = {n: len(ws.data(n).train) for n in cfg.task_names}
+    assert sizes == bora_sweep.HWU_SIZES and all(ws.data(n).test for n in cfg.task_names)
+
+
+def test_tau_search_in_the_registry_picks_and_records_a_tau(tiny_registry):
     cfg = yaml.safe_load(tiny_registry.read_text())
-    cfg["prior"]["tau"] = "auto"
+    cfg["prior"]["tau"] = "search"
     tiny_registry.write_text(yaml.safe_dump(cfg))
     ws = Workspace(tiny_registry)
     from hub.tau_search import search_tau
@@ -52,15 +81,15 @@ def test_tau_auto_in_the_registry_picks_and_records_a_tau(tiny_registry):
 
 
 def test_an_interrupted_sweep_reuses_finished_runs(tiny_registry, capsys):
-    first = bora_sweep.run_sweep(tiny_registry, [0, "shared"], auto_evaluations=0)
-    assert set(first) == {"runs"}
-    again = bora_sweep.run_sweep(tiny_registry, [0, "shared", 10], auto_evaluations=0)
-    assert again["runs"]["0"] == first["runs"]["0"] and again["runs"]["shared"] == first["runs"]["shared"]
-    assert capsys.readouterr().err.count("reusing the finished run") == 2
+    first = bora_sweep.run_sweep(tiny_registry, [0, "shared"])
+    assert set(first) == {"runs"} and set(first["runs"]) == {"0", "shared", "auto"}
+    again = bora_sweep.run_sweep(tiny_registry, [0, "shared", 10])
+    assert again["runs"]["0"] == first["runs"]["0"] and again["runs"]["auto"] == first["runs"]["auto"]
+    assert capsys.readouterr().err.count("reusing the finished run") == 3
     cfg = yaml.safe_load(tiny_registry.read_text())
     cfg["training"]["seed"] = 7  # another registry: nothing is reused
     tiny_registry.write_text(yaml.safe_dump(cfg))
-    bora_sweep.run_sweep(tiny_registry, [0], auto_evaluations=0)
+    bora_sweep.run_sweep(tiny_registry, [0])
     assert "reusing" not in capsys.readouterr().err
 
 

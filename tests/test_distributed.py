@@ -88,8 +88,8 @@ def test_what_one_process_must_do_alone_is_refused_with_one_line(tmp_path, tiny_
     done = launch(["-m", "hub.cli"], "train", "--quiet", cwd=tmp_path)
     assert done.returncode != 0  # the launcher's own code; each process exited 2 with the one line below
     assert "training.batch_size: 1 is less than the number of processes (2)" in done.stderr
-    auto = launch(["-m", "hub.cli"], "train", "--quiet", "--tau", "auto", cwd=tmp_path)
-    assert auto.returncode != 0 and "prior.tau: 'auto' trains and evaluates several runs" in auto.stderr
+    auto = launch(["-m", "hub.cli"], "train", "--quiet", "--tau", "search", cwd=tmp_path)
+    assert auto.returncode != 0 and "prior.tau: 'search' trains and evaluates several runs" in auto.stderr
     done.stderr += auto.stderr
     for ours in ("hub", "models", "tasks"):  # no traceback through our code
         assert f'File "{REPO / ours}' not in done.stderr
