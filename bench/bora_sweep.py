@@ -38,10 +38,13 @@ FULL = {"grid": [0, 0.1, 1, 10, 100, 1000, "shared"], "steps": 60, "batch_size":
 QUICK = {"grid": [0, 1, "shared"], "steps": 6, "batch_size": 4, "max_length": 32, "eval_docs": 6,
          "sampling": "balanced", "search_evaluations": 0}
 HWU_MAX_LENGTH = 32  # requests are ~10 tokens
+HWU_LR = 1e-3  # 8 requests of ~10 tokens per step are ~1/6 of BBC's tokens: at BBC's 3e-3 Adam's steps were so
+# noisy that single tasks' test perplexity jumped 10-30x at some tau in a first run (docs/bora.md); 4x the rows
+# instead costs ~3.5x the step time (each row gathers its adapter's parameters)
 
 
-def training(mode: dict, seed: int, max_length: int) -> dict:
-    return {"steps": mode["steps"], "batch_size": mode["batch_size"], "max_length": max_length, "lr": 0.003,
+def training(mode: dict, seed: int, max_length: int, lr: float = 0.003) -> dict:
+    return {"steps": mode["steps"], "batch_size": mode["batch_size"], "max_length": max_length, "lr": lr,
             "lr_schedule": "cosine", "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"], "seed": seed,
             "sampling": mode["sampling"]}
 
@@ -71,7 +74,7 @@ def hwu_registry(work: Path, mode: dict, seed: int) -> Path:
             w.writerows([r["text"]] for r in rows if r["scenario"] == name)
         tasks.append({"name": name, "data": {"path": path.name, "max_train": k, "validation": 0.1, "test": 0.1}})
     cfg = {"base_model": "smollm2-135m", "store": "store", "prior": {"tau": 1.0},
-           "training": training(mode, seed, min(mode["max_length"], HWU_MAX_LENGTH)), "tasks": tasks}
+           "training": training(mode, seed, min(mode["max_length"], HWU_MAX_LENGTH), HWU_LR), "tasks": tasks}
     path = work / "tasks.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
