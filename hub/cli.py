@@ -132,10 +132,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _global_options(p: argparse.ArgumentParser, default) -> None:
+    from tasks.schema import DEVICES, PRECISIONS
+
     p.add_argument("--config", default=default("tasks.yaml"), help="task registry (default: ./tasks.yaml)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=default(None),
+    p.add_argument("--device", choices=DEVICES, default=default(None),
                    help="where the base model runs (default: training.device)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=default(None),
+    p.add_argument("--precision", choices=PRECISIONS, default=default(None),
                    help="the frozen base's precision (default: training.precision)")
 
 

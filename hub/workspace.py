@@ -32,20 +32,16 @@ class Workspace:
         self._base = None
 
     @functools.cached_property
-    def _settings(self) -> RunSettings:
-        device = device_mod.resolve_device(device_mod.setting("device", self.cfg.training.device)[0])
-        precision = device_mod.resolve_precision(device_mod.setting("precision", self.cfg.training.precision)[0],
-                                                 device)
-        return RunSettings(device, precision)
-
     def settings(self) -> RunSettings:
         """The device and precision everything built here runs on (training.device / .precision, or the
         BORAHUB_DEVICE / BORAHUB_PRECISION overrides)."""
-        return self._settings
+        device = device_mod.resolve_device(device_mod.setting("device", self.cfg.training.device))
+        precision = device_mod.resolve_precision(device_mod.setting("precision", self.cfg.training.precision), device)
+        return RunSettings(device, precision)
 
     def base(self):
         if self._base is None:
-            s = self.settings()
+            s = self.settings
             self._base = load_base(self.cfg.base_model, dtype=device_mod.DTYPES[s.precision], device=s.device)
         return self._base
 
@@ -118,7 +114,7 @@ class Workspace:
             stored_info = {t["name"]: {k: v for k, v in t.items() if k not in ("name", "group", "adapter")}
                            for t in state["tasks"]}
         tokens = {n: self.tokens(n, "train") for n in cfg.task_names if n in chosen}
-        params, report = train_tasks(mtm, cfg.tasks, tokens, tcfg, tau, self.settings(), steps=steps,
+        params, report = train_tasks(mtm, cfg.tasks, tokens, tcfg, tau, self.settings, steps=steps,
                                            stored=stored, checkpoint_dir=store_mod.checkpoint_dir(self.store),
                                            resume=resume, progress=progress, source=self.config_path)
         if not report.main_process:  # data-parallel run: one process saves
@@ -127,7 +123,7 @@ class Workspace:
         info = {n: {"n_train": len(self.data(n).train), "n_test": len(self.data(n).test)} if n in chosen
                 else stored_info.get(n, {}) for n in cfg.task_names}
         specs = {t.name: cfg.adapter_of(t) for t in cfg.tasks}
-        metrics = {"steps": report.steps, "train_nll": report.last_nll, "run": self.settings().record(report, tcfg)}
+        metrics = {"steps": report.steps, "train_nll": report.last_nll, "run": self.settings.record(report, tcfg)}
         if tau == "auto":
             metrics["tau_auto"] = {"method": "empirical Bayes in the run (models/tau_eb.py)", "tau": report.tau,
                                    "history": report.tau_history}

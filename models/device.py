@@ -13,8 +13,8 @@ import os
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from tasks.schema import DEVICES, PRECISIONS
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENV = {"device": "BORAHUB_DEVICE", "precision": "BORAHUB_PRECISION"}
 
@@ -23,15 +23,15 @@ class DeviceError(Exception):
     """The requested device or precision is not available here (user-facing)."""
 
 
-def setting(name: str, registry_value: str) -> tuple[str, str]:
-    """(value, where it came from): the environment override if set, else the registry's value."""
+def setting(name: str, registry_value: str) -> str:
+    """The environment override if set, else the registry's value."""
     env = os.environ.get(ENV[name])
     allowed = DEVICES if name == "device" else PRECISIONS
     if env:
         if env not in allowed:
             raise DeviceError(f"{ENV[name]}={env!r}: must be one of {', '.join(allowed)}")
-        return env, ENV[name]
-    return registry_value, f"training.{name}"
+        return env
+    return registry_value
 
 
 def _mps() -> bool:

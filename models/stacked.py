@@ -194,17 +194,16 @@ class StackedLinear(nn.Module):
             if r is None:
                 continue
             frozen = g.frozen[self.name]
-            if r.uniform is not None and not torch.is_grad_enabled() and merge_pays(tokens, self.in_features,
-                                                                                      self.out_features):
-                one = {k: v[r.uniform] for k, v in g.params(self.name).items()}
+            one = None if r.uniform is None else {k: v[r.uniform] for k, v in g.params(self.name).items()}
+            if one is not None and not torch.is_grad_enabled() and merge_pays(tokens, self.in_features,
+                                                                              self.out_features):
                 A, B, alpha = g.atype.to_lora(one, frozen, g.spec)
                 W = torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=alpha / A.shape[0])
                 continue
             # a bf16/fp16 base outside autocast (inference): the adapter runs on its float32 values
             cast = x.dtype != g.flat.dtype and not torch.is_autocast_enabled(x.device.type)
             xg = x.to(g.flat.dtype) if cast else x
-            if r.uniform is not None:
-                one = {k: v[r.uniform] for k, v in g.params(self.name).items()}
+            if one is not None:
                 d = g.atype.delta_one(xg, one, frozen, g.spec)
             else:
                 x3 = xg if xg.dim() == 3 else xg.unsqueeze(1)

@@ -70,22 +70,21 @@ class EvidenceTau:
 
     def __call__(self, named_params) -> None:
         tau = float(self.prior.tau)
-        deltas, fishers = [], []
+        deltas, sites = [], []
         for name, p in named_params:
             site = name.split(".")[-1].removesuffix("_unconstrained")
             if not site.startswith("delta_") or p.grad is None:
                 continue
             g = torch.sub(p.grad, p.detach(), alpha=tau)  # the likelihood's part of the gradient
-            if site not in self.sq:
-                self.sq[site] = torch.zeros_like(g)
-            self.sq[site].mul_(self.decay).addcmul_(g, g, value=1 - self.decay)
+            sq = self.sq[site] = self.sq[site].to(g.device) if site in self.sq else torch.zeros_like(g)
+            sq.mul_(self.decay).addcmul_(g, g, value=1 - self.decay)
             deltas.append(p.detach())
-            fishers.append(site)
+            sites.append(site)
         self.step += 1
         if self.step <= self.warmup_steps or not deltas or (self.step - self.warmup_steps) % self.every:
             return
         groups = self.prior.mtm.groups
-        target = evidence_tau(deltas, [self.fisher(s, groups[int(s.split("_")[1])].task_ids) for s in fishers], tau)
+        target = evidence_tau(deltas, [self.fisher(s, groups[int(s.split("_")[1])].task_ids) for s in sites], tau)
         lo, hi = self.bounds
         keep = (1 - self.damping) ** self.every  # the same pull per step as an update every step
         log_tau = keep * math.log(tau) + (1 - keep) * math.log(min(max(target, lo), hi))

@@ -153,8 +153,7 @@ class Trainer:
         for i, hook in enumerate(self.grad_hooks):
             if hasattr(hook, "load_state_dict"):
                 prefix = f"hook/{i}/"
-                hook.load_state_dict({k[len(prefix):]: v.to(self.device) if not k.endswith("history") else v
-                                      for k, v in tensors.items() if k.startswith(prefix)})
+                hook.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.step = int(meta["step"])
         self.last_nll = float(meta.get("nll", "nan"))
         return True

@@ -41,6 +41,8 @@ def _task_name(v: str) -> str:
 # A task name wherever one is read (tasks.yaml, a store's hub.json, a pulled manifest): it names a folder.
 TaskName = Annotated[str, AfterValidator(_task_name)]
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # training.device (models/device.py resolves them)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training.precision
 # every attention and MLP projection (Llama's names; models/targets.py maps them for other architectures)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -210,8 +212,8 @@ class TrainingSpec(Strict):
     checkpoint_every: int = Field(20, ge=1)  # steps between atomic checkpoints (resume point)
     eval_docs: int = Field(24, ge=1, le=1_000_000)  # held-out documents per task for `borahub eval`
     seed: int = Field(0, ge=0, le=MAX_SEED)  # torch and numpy seeds derive from it
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, else MPS, else CPU (models/device.py)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the frozen base's; auto: bf16 on CUDA, else fp32
+    device: Literal[DEVICES] = "auto"  # auto: CUDA, else MPS, else CPU (models/device.py)
+    precision: Literal[PRECISIONS] = "auto"  # the frozen base's; auto: bf16 on CUDA, else fp32
 
 
 class HubConfig(Strict):
