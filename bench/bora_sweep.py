@@ -29,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hub.store import read_state  # noqa: E402
 from hub.workspace import Workspace  # noqa: E402
 
 SIZES = {"sports": 25, "politics": 50, "tech": 100, "entertainment": 200, "business": 400}
@@ -87,7 +88,28 @@ def tau_label(tau) -> str:
     return tau if tau in ("shared", "auto") else f"{tau:g}"
 
 
-def run_sweep(config: Path, grid: list, search_evaluations: int = 0, progress: bool = False) -> dict:
+def code_version() -> str:
+    """The commit the runs' code is at (with "+changes" when the work tree differs from it)."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    changed = "+changes" if git("status", "--porcelain", "models") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + changed
+
+
+def reusable(kept: dict, tau, config_text: str, settings: str, reuse_grid: bool) -> bool:
+    """A finished run is reused when it ran on this registry and this code; with ``reuse_grid`` a fixed-tau run
+    (not auto) of this registry is reused whatever code it ran at (its record says which: ``code``), for when
+    only tau auto's code changed."""
+    if kept.get("registry") == settings:
+        return True
+    return reuse_grid and tau != "auto" and str(kept.get("registry", "")).startswith(config_text)
+
+
+def run_sweep(config: Path, grid: list, search_evaluations: int = 0, progress: bool = False,
+              reuse_grid: bool = False) -> dict:
     """Train + test-evaluate at every tau of the grid, then with tau auto (one run), and with tau search if
     ``search_evaluations``; returns {"runs": {label: run}, "search": ...}.
 
@@ -97,33 +119,35 @@ def run_sweep(config: Path, grid: list, search_evaluations: int = 0, progress: b
     ws = Workspace(config)
     root = ws.store
     code = sorted((ROOT / "models").glob("*.py"))  # every file a run's numbers rest on
-    settings = config.read_text() + "".join(hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in code)
+    config_text = config.read_text()
+    settings = config_text + "".join(hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in code)
     runs = {}
     for tau in [*grid, "auto"]:
         done = root.parent / "runs" / f"{tau_label(tau)}.json"
         kept = json.loads(done.read_text()) if done.exists() else {}
-        if kept.get("registry") == settings:
-            runs[tau_label(tau)] = kept["run"]
-            print(f"tau={tau_label(tau)}: reusing the finished run in {done}", file=sys.stderr)
+        if reusable(kept, tau, config_text, settings, reuse_grid):
+            runs[tau_label(tau)] = {"code": "before 2026-12-02 (not recorded)", **kept["run"]}
+            print(f"tau={tau_label(tau)}: reusing the finished run in {done} (code {runs[tau_label(tau)]['code']})",
+                  file=sys.stderr)
             continue
         ws.store = root.parent / f"store-tau-{tau_label(tau)}"
         t0 = time.perf_counter()
         report = ws.train(tau=tau, progress=progress, fit_router=False)
         res = ws.evaluate(split="test")
-        runs[tau_label(tau)] = {"tau": report.tau, "seconds": time.perf_counter() - t0,
+        runs[tau_label(tau)] = {"tau": report.tau, "code": code_version(), "seconds": time.perf_counter() - t0,
                                 "train_seconds": report.seconds,
                                 "perplexity": {n: r["perplexity"] for n, r in res.items()},
                                 "base_perplexity": {n: r["base_perplexity"] for n, r in res.items()},
                                 "n_train": {n: r["n_train"] for n, r in res.items()}}
         if tau == "auto":
             runs["auto"]["tau_history"] = report.tau_history
+            runs["auto"]["method"] = read_state(ws.store)["metrics"]["tau_auto"]["method"]
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps({"registry": settings, "run": runs[tau_label(tau)]}, indent=2))
         if progress:
             print(f"tau={tau_label(tau)}: " + json.dumps(runs[tau_label(tau)]["perplexity"]), file=sys.stderr)
     out = {"runs": runs}
     if search_evaluations:
-        from hub.store import read_state
         from hub.tau_search import search_tau
 
         ws.store = root.parent / "store-tau-search"
@@ -165,7 +189,7 @@ def summarise(runs: dict) -> dict:
     if "auto" in runs:
         grid_s = [r["train_seconds"] for k, r in grid.items() if "train_seconds" in r]
         out |= {"auto_mean_perplexity": means["auto"], "auto_vs_best_grid": means["auto"] / means[best] - 1,
-                "auto_time_vs_one_run": runs["auto"]["train_seconds"] / statistics.mean(grid_s) if grid_s else None}
+                "auto_time_vs_one_run": runs["auto"]["train_seconds"] / statistics.median(grid_s) if grid_s else None}
     return out
 
 
@@ -268,10 +292,12 @@ def table(result: dict) -> str:
               ", ".join(f"{100 * s['mean_gain_vs_better_extreme']:.2f}% at tau={s['best_grid_tau']}" for s in seeds)
               + ")."]
     if auto:
-        lines.append(f"`tau: auto` (one run) learned tau = {', '.join(f'{t:.3g}' for t in runs['auto']['tau'])}; "
+        method = seeds[0]["runs"]["auto"].get("method", "evidence update (models/tau_eb.py)")
+        taus = ", ".join(f"{t:.3g}" for t in runs["auto"]["tau"])
+        lines.append(f"`tau: auto` (one run; {method}) learned tau = {taus}; "
                      f"mean perplexity {100 * result['auto_vs_best_grid']:+.2f}% vs the best grid tau (per seed: "
                      + ", ".join(f"{100 * s['auto_vs_best_grid']:+.2f}%" for s in seeds) + "), in "
-                     f"{result['auto_time_vs_one_run']:.2f}x the training time of a grid run.")
+                     f"{result['auto_time_vs_one_run']:.2f}x the training time of a grid run (median over the grid).")
     lines += [f"Paper ({PAPER}).",
               f"Command: `{result['command']}`; {result['machine']}; {result['date']}."]
     return "\n".join(lines)
@@ -286,6 +312,8 @@ def main() -> None:
     ap.add_argument("--grid", default=None, help="comma-separated taus instead of the mode's grid, e.g. 0,100,shared")
     ap.add_argument("--search", type=int, default=0, metavar="N", help="also run tau: search with N candidate runs")
     ap.add_argument("--work", default=None, help="scratch folder for the runs' stores (default .borahub/bora_sweep)")
+    ap.add_argument("--reuse-grid", action="store_true",
+                    help="reuse finished fixed-tau runs of this registry although models/ changed (auto reruns)")
     ap.add_argument("--out", default=None, help="results folder (default docs/results; --quick: the work folder)")
     args = ap.parse_args()
     mode = dict(QUICK if args.quick else FULL)
@@ -303,7 +331,8 @@ def main() -> None:
     for seed in [int(x) for x in args.seeds.split(",")]:
         folder = work / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        res = run_sweep(registry(folder, mode, seed), mode["grid"], args.search, progress=True)
+        res = run_sweep(registry(folder, mode, seed), mode["grid"], args.search, progress=True,
+                        reuse_grid=args.reuse_grid)
         per_seed.append({"seed": seed, **res, **summarise(res["runs"])})
     import torch
 

@@ -114,9 +114,12 @@ class Workspace:
             stored_info = {t["name"]: {k: v for k, v in t.items() if k not in ("name", "group", "adapter")}
                            for t in state["tasks"]}
         tokens = {n: self.tokens(n, "train") for n in cfg.task_names if n in chosen}
+        validation = ({n: self.tokens(n, "validation") for n in tokens if self.data(n).validation}
+                      if tau == "auto" else None)
         params, report = train_tasks(mtm, cfg.tasks, tokens, tcfg, tau, self.settings, steps=steps,
-                                           stored=stored, checkpoint_dir=store_mod.checkpoint_dir(self.store),
-                                           resume=resume, progress=progress, source=self.config_path)
+                                     stored=stored, checkpoint_dir=store_mod.checkpoint_dir(self.store),
+                                     resume=resume, progress=progress, source=self.config_path,
+                                     validation=validation)
         if not report.main_process:  # data-parallel run: one process saves
             return report
         mtm.set_params(params)
@@ -125,7 +128,9 @@ class Workspace:
         specs = {t.name: cfg.adapter_of(t) for t in cfg.tasks}
         metrics = {"steps": report.steps, "train_nll": report.last_nll, "run": self.settings.record(report, tcfg)}
         if tau == "auto":
-            metrics["tau_auto"] = {"method": "empirical Bayes in the run (models/tau_eb.py)", "tau": report.tau,
+            method = ("evidence update, corrected on held-out rows (models/tau_heldout.py)"
+                      if validation else "evidence update (models/tau_eb.py)")
+            metrics["tau_auto"] = {"method": method, "tau": report.tau,
                                    "history": report.tau_history}
         store_mod.save(self.store, mtm, report.tau if tau == "auto" else tau, info, specs, metrics=metrics)
         if fit_router:

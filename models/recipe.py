@@ -21,10 +21,12 @@ from .bora import BoraPrior, site_of
 from .multitask import MultiTaskModel
 from .regularisers import training_extras
 from .tau_eb import EvidenceTau
+from .tau_heldout import HeldOutTau, shrinkage_loss
 from .trainer import Trainer, TrainReport
 
 
 TAU0 = 1.0  # tau: auto starts here (a weak tie) and learns tau by the evidence update after a warm-up
+HELDOUT_ROWS = 2  # tau: auto's held-out batch, in training batches (balanced over tasks): 3 forwards each probe
 
 
 @dataclass
@@ -46,10 +48,12 @@ class RunSettings:
 def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, Tokenized], training: TrainingSpec,
                 tau, settings: RunSettings, *, steps: int | None = None, stored: dict | None = None,
                 checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
-                source: str | Path = "tasks.yaml") -> tuple[dict, TrainReport]:
+                source: str | Path = "tasks.yaml",
+                validation: dict[str, Tokenized] | None = None) -> tuple[dict, TrainReport]:
     """Train the tasks in ``tokens`` (all of ``tasks``, or a subset warm-started from ``stored`` params with the
     others and Theta frozen). Returns ({group key: (theta, Theta)} in float32 on the CPU, the report; only the
-    report's main process should save)."""
+    report's main process should save). ``validation``: the tasks' validation tokens, which tau: auto judges its
+    tau on (without any, tau: auto is the evidence update alone)."""
     names = [t.name for t in tasks]
     chosen = [n for n in names if n in tokens]
     subset = len(chosen) < len(names)
@@ -75,7 +79,8 @@ def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, To
     if learn_tau:
         share = torch.zeros(len(names))
         share[torch.as_tensor(batcher.tasks)] = torch.as_tensor(batcher.probs, dtype=torch.float32)
-        hooks.append(EvidenceTau(prior, share * training.batch_size * training.grad_accum, sizes, steps, TAU0))
+        hooks.append(tau_hook(prior, share * training.batch_size * training.grad_accum, sizes, steps,
+                              held_out_batcher(names, validation or {}, training, mtm.tokenizer.pad_token_id)))
     acc = device_mod.accelerator(settings.device, settings.precision, training.grad_accum)
     if training.batch_size < acc.num_processes:
         raise ConfigError([f"training.batch_size: {training.batch_size} is less than the number of processes "
@@ -91,6 +96,22 @@ def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, To
     if frozen_ids:  # tau = 0 would reset Theta to the task mean; a subset run keeps the stored one
         params = {k: (theta, init[k][1].cpu()) for k, (theta, _) in params.items()}
     return params, report
+
+
+def held_out_batcher(names: list[str], validation: dict[str, Tokenized], training: TrainingSpec,
+                     pad_id: int) -> MixedBatcher | None:
+    """Balanced batches of the tasks' validation rows for tau: auto (None when no task has any)."""
+    data = {i: validation[n] for i, n in enumerate(names) if n in validation and validation[n].ids}
+    if not data:
+        return None
+    return MixedBatcher(data, HELDOUT_ROWS * training.batch_size, "balanced", training.seed + 1, pad_id)
+
+
+def tau_hook(prior: BoraPrior, rows_per_step, sizes, steps: int, held_out: MixedBatcher | None):
+    """tau: auto's hook: the evidence update corrected on held-out rows (models/tau_heldout.py), or the evidence
+    update alone without validation rows."""
+    evidence = EvidenceTau(prior, rows_per_step, sizes, steps, TAU0)
+    return HeldOutTau(evidence, shrinkage_loss(prior, held_out)) if held_out is not None else evidence
 
 
 def run_id(mtm: MultiTaskModel, tasks: list[TaskSpec], chosen: list[str], tau, steps: int,

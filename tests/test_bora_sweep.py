@@ -104,3 +104,13 @@ def test_search_proposals_find_the_valley_of_a_smooth_curve():
         x = propose(tried, -2, 4)
         tried[x] = f(x)
     assert min(tried, key=tried.get) == pytest.approx(2.0, abs=1e-6)  # a parabola through a parabola is exact
+
+
+def test_finished_runs_are_reused_on_the_same_registry_and_code_or_fixed_taus_on_request():
+    kept = {"registry": "cfg-text" + "ab" * 8}
+    assert bora_sweep.reusable(kept, 10.0, "cfg-text", "cfg-text" + "ab" * 8, reuse_grid=False)
+    assert not bora_sweep.reusable(kept, 10.0, "cfg-text", "cfg-text" + "cd" * 8, reuse_grid=False)  # code changed
+    assert bora_sweep.reusable(kept, 10.0, "cfg-text", "cfg-text" + "cd" * 8, reuse_grid=True)
+    assert not bora_sweep.reusable(kept, "auto", "cfg-text", "cfg-text" + "cd" * 8, reuse_grid=True)  # auto reruns
+    assert not bora_sweep.reusable(kept, 10.0, "other-registry", "other-registry", reuse_grid=True)
+    assert not bora_sweep.reusable({}, 10.0, "cfg-text", "cfg-text", reuse_grid=True)
