@@ -25,7 +25,7 @@ from .tau_heldout import HeldOutTau, shrinkage_loss
 from .trainer import Trainer, TrainReport
 
 
-TAU0 = 1.0  # tau: auto starts here (a weak tie) and learns tau by the evidence update after a warm-up
+TAU0 = 1.0  # tau: auto starts here (a weak tie) and learns tau after a warm-up
 HELDOUT_ROWS = 2  # tau: auto's held-out batch, in training batches (balanced over tasks): 3 forwards each probe
 
 
@@ -108,10 +108,11 @@ def held_out_batcher(names: list[str], validation: dict[str, Tokenized], trainin
 
 
 def tau_hook(prior: BoraPrior, rows_per_step, sizes, steps: int, held_out: MixedBatcher | None):
-    """tau: auto's hook: the evidence update corrected on held-out rows (models/tau_heldout.py), or the evidence
-    update alone without validation rows."""
-    evidence = EvidenceTau(prior, rows_per_step, sizes, steps, TAU0)
-    return HeldOutTau(evidence, shrinkage_loss(prior, held_out)) if held_out is not None else evidence
+    """tau: auto's hook: the held-out shrinkage test (models/tau_heldout.py), or the evidence update
+    (models/tau_eb.py) when no task has validation rows."""
+    if held_out is not None:
+        return HeldOutTau(prior, shrinkage_loss(prior, held_out), steps, TAU0)
+    return EvidenceTau(prior, rows_per_step, sizes, steps, TAU0)
 
 
 def run_id(mtm: MultiTaskModel, tasks: list[TaskSpec], chosen: list[str], tau, steps: int,
