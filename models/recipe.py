@@ -26,7 +26,7 @@ from .trainer import Trainer, TrainReport
 
 
 TAU0 = 1.0  # tau: auto starts here (a weak tie) and learns tau after a warm-up
-HELDOUT_ROWS = 2  # tau: auto's held-out batch, in training batches (balanced over tasks): 3 forwards each probe
+HELDOUT_ROWS = 1  # tau: auto's held-out batch, in training batches (balanced over tasks): 3 forwards a probe
 
 
 @dataclass
