@@ -1,7 +1,7 @@
 """BoRA's central claim on real data: a middle tau beats both extremes (tau=0 and tau=shared).
 
 Tasks with unequal training sizes (the rest held out), trained jointly at every tau of a grid with the same
-budget and seed, plus `tau: auto` (learned in one run, models/tau_eb.py) and optionally `tau: search` (chosen
+budget and seed, plus `tau: auto` (learned in one run, models/tau_heldout.py) and optionally `tau: search` (chosen
 on validation over several runs); per-task held-out (test) perplexity for each, for every seed, and the seed
 mean with its spread. Data: BBC News topics (documents) or HWU64 scenarios (short requests), 25-400 training
 examples per task. Writes docs/results/bora_<data>.json and .md, and two PNGs (perplexity vs tau, every seed;

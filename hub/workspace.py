@@ -84,7 +84,7 @@ class Workspace:
               progress: bool = True, fit_router: bool = True) -> TrainReport:
         """Train (all tasks, or ``names`` with the rest frozen) and save the store.
 
-        tau: overrides the registry's; "auto" learns it in this run (models/tau_eb.py), "search" chooses it on the
+        tau: overrides the registry's; "auto" learns it in this run (models/tau_heldout.py), "search" chooses it on the
         validation split over several runs (hub/tau_search.py).
         fit_router: refit the router on the new adapters (skipped for intermediate runs of a search).
         """

@@ -16,8 +16,8 @@ Why not the evidence fixed point (models/tau_eb.py, kept for hubs without valida
 offsets sit at their MAP, and after a budget of a few hundred steps they do not. On HWU64 it landed at tau
 24-45 where the best fixed tau was 10 (+6.3% mean perplexity), and starting the held-out test from the evidence
 point (147 after the warm-up at tau0 = 1) was worse still (+11.5% on seed 0): the early steps at a too-large tau
-cost what later corrections cannot win back. Started at tau0 = 1 after a short warm-up, the test alone: +1.9%
-on that seed (docs/bora.md has the measurements).
+cost what later corrections cannot win back. Started at tau0 = 1 after a short warm-up, the test alone: +1.27%
+on the 3-seed mean (docs/bora.md has the measurements).
 """
 from __future__ import annotations
 
