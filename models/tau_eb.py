@@ -68,8 +68,7 @@ class EvidenceTau:
         scale = (self.rows[ids] / self.sizes[ids].clamp(min=1)).to(self.sq[site].device)
         return self.sq[site] * scale[:, None]
 
-    def observe(self, named_params) -> tuple[list[Tensor], list[str]]:
-        """Fold this step's likelihood gradients into the curvature estimate; returns the offsets and their sites."""
+    def __call__(self, named_params) -> None:
         tau = float(self.prior.tau)
         deltas, sites = [], []
         for name, p in named_params:
@@ -82,22 +81,12 @@ class EvidenceTau:
             deltas.append(p.detach())
             sites.append(site)
         self.step += 1
-        return deltas, sites
-
-    def target(self, deltas: list[Tensor], sites: list[str]) -> float:
-        """The evidence fixed point at the current offsets and curvature, within the bounds."""
-        groups = self.prior.mtm.groups
-        fishers = [self.fisher(s, groups[int(s.split("_")[1])].task_ids) for s in sites]
-        lo, hi = self.bounds
-        return min(max(evidence_tau(deltas, fishers, float(self.prior.tau)), lo), hi)
-
-    def set_tau(self, tau: float) -> None:
-        self.prior.tau = tau
-        self.history.append([self.step, tau])
-
-    def __call__(self, named_params) -> None:
-        deltas, sites = self.observe(named_params)
         if self.step <= self.warmup_steps or not deltas or (self.step - self.warmup_steps) % self.every:
             return
+        groups = self.prior.mtm.groups
+        target = evidence_tau(deltas, [self.fisher(s, groups[int(s.split("_")[1])].task_ids) for s in sites], tau)
+        lo, hi = self.bounds
         keep = (1 - self.damping) ** self.every  # the same pull per step as an update every step
-        self.set_tau(math.exp(keep * math.log(self.prior.tau) + (1 - keep) * math.log(self.target(deltas, sites))))
+        log_tau = keep * math.log(tau) + (1 - keep) * math.log(min(max(target, lo), hi))
+        self.prior.tau = math.exp(log_tau)
+        self.history.append([self.step, self.prior.tau])

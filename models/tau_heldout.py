@@ -46,15 +46,15 @@ def best_shrinkage(losses: tuple[float, float, float], ratio: float, reach: floa
 class HeldOutTau:
     """A Trainer grad hook that moves the BoraPrior's tau by the held-out shrinkage test (module docstring).
 
-    heldout_loss(alpha, step): the held-out loss with every task at Theta + alpha * delta_t, on the validation
-    rows of ``step`` (a pure function of the step, so a resumed run sees the same rows). ``history`` keeps
-    (step, tau) for the store's metrics.
+    heldout_losses(alphas, step): the held-out loss at each alpha with every task at Theta + alpha * delta_t, on
+    the validation rows of ``step`` (a pure function of the step, so a resumed run sees the same rows).
+    ``history`` keeps (step, tau) for the store's metrics.
     """
 
-    def __init__(self, prior, heldout_loss: Callable[[float, int], float], steps: int, tau0: float = 1.0,
+    def __init__(self, prior, heldout_losses: Callable[[tuple, int], tuple], steps: int, tau0: float = 1.0,
                  warmup: float = 0.1, stop: float = 0.8, every: int = 4, ratio: float = 1.5, damping: float = 1.0,
                  bounds: tuple[float, float] = (1e-2, 1e4)):
-        self.prior, self.heldout_loss = prior, heldout_loss
+        self.prior, self.heldout_losses = prior, heldout_losses
         self.first = max(1, int(warmup * steps))
         self.last = max(self.first, int(stop * steps))
         self.every, self.ratio, self.damping, self.bounds = every, ratio, damping, bounds
@@ -75,7 +75,7 @@ class HeldOutTau:
         self.step += 1
         if not (self.first <= self.step <= self.last and (self.step - self.first) % self.every == 0):
             return
-        losses = tuple(self.heldout_loss(a, self.step) for a in (1 / self.ratio, 1.0, self.ratio))
+        losses = self.heldout_losses((1 / self.ratio, 1.0, self.ratio), self.step)
         if not all(math.isfinite(x) for x in losses):
             return
         lo, hi = self.bounds
@@ -84,30 +84,32 @@ class HeldOutTau:
         self.history.append([self.step, self.prior.tau])
 
 
-def shrinkage_loss(prior, batcher) -> Callable[[float, int], float]:
-    """The held-out loss for HeldOutTau on a BoraPrior: ``batcher`` draws validation rows (balanced over tasks);
+def shrinkage_loss(prior, batcher) -> Callable[[tuple, int], tuple]:
+    """The held-out losses for HeldOutTau on a BoraPrior: ``batcher`` draws validation rows (balanced over tasks);
     the model runs in eval mode without gradients at theta_t = Theta + alpha * (theta_t - Theta), one forward per
     task (a row group of one adapter runs plain matmuls; a mixed batch would copy every row's parameters), and
     the next training step puts the trained values back (the prior's model sets them on every forward)."""
     mtm = prior.mtm
 
-    def loss(alpha: float, step: int) -> float:
-        batch = batcher.batch(step)
-        shrunk = {k: (Theta + alpha * (theta - Theta), Theta) for k, (theta, Theta) in prior.values().items()}
+    def loss_at(alpha: float, batch: dict, values: dict) -> float:
+        mtm.set_params({k: (Theta + alpha * (theta - Theta), Theta) for k, (theta, Theta) in values.items()})
+        per_task = []
+        for t in batch["task_ids"].unique():
+            rows = batch["task_ids"] == t
+            width = int(batch["attention_mask"][rows].sum(1).max())  # right-padded: cut the shared padding
+            sub = {k: (v[rows][:, :width] if v.dim() == 2 else v[rows]).to(mtm.device) for k, v in batch.items()}
+            with torch.no_grad():
+                nll, ntok = mtm.row_nll(sub)
+            per_task.append(float(nll.sum() / ntok.sum().clamp(min=1)))
+        return sum(per_task) / len(per_task)
+
+    def loss(alphas: tuple, step: int) -> tuple:
+        batch, values = batcher.batch(step), prior.values()  # once per probe, shared by its alphas
         was = mtm.training
         mtm.eval()
-        per_task = []
         try:
-            mtm.set_params(shrunk)
-            for t in batch["task_ids"].unique():
-                rows = batch["task_ids"] == t
-                width = int(batch["attention_mask"][rows].sum(1).max())  # right-padded: cut the shared padding
-                sub = {k: (v[rows][:, :width] if v.dim() == 2 else v[rows]).to(mtm.device) for k, v in batch.items()}
-                with torch.no_grad():
-                    nll, ntok = mtm.row_nll(sub)
-                per_task.append(float(nll.sum() / ntok.sum().clamp(min=1)))
+            return tuple(loss_at(a, batch, values) for a in alphas)
         finally:
             mtm.train(was)
-        return sum(per_task) / len(per_task)
 
     return loss

@@ -52,7 +52,8 @@ def fit_tasks(tau_true: float, tau, steps: int = 600, batch: int = 4, lr: float 
     if tau == "evidence":
         hook = EvidenceTau(prior, torch.full((T,), float(batch)), n.float(), steps, tau0=1.0)
     elif tau == "held-out":
-        hook = HeldOutTau(prior, lambda alpha, step: held_out_loss((Theta + alpha * delta).detach(), val), steps)
+        hook = HeldOutTau(prior, lambda alphas, step: tuple(held_out_loss((Theta + a * delta).detach(), val)
+                                                            for a in alphas), steps)
     opt = torch.optim.Adam([delta, Theta], lr=lr)
     for s in range(steps):
         for pg in opt.param_groups:
@@ -102,7 +103,7 @@ def test_the_shrinkage_loss_is_the_mean_of_each_tasks_held_out_nll_along_the_ray
         t = batch["task_ids"]
         return sum(float(nll[t == u].sum() / ntok[t == u].sum()) for u in t.unique()) / len(t.unique())
 
-    at_one, at_zero = loss(1.0, 3), loss(0.0, 3)
+    at_one, at_zero = loss((1.0, 0.0), 3)
     assert at_one == pytest.approx(expected(1.0), rel=1e-5) and at_zero == pytest.approx(expected(0.0), rel=1e-5)
     assert abs(at_one - at_zero) > 1e-4  # the offsets matter, so the test would see a wrong alpha
 
