@@ -4,6 +4,11 @@ Following the paper's HiddenKey method, training drops whole key columns of the 
 DropKey), applies element-wise dropout to each decoder layer's FFN output (HiddenCut), and adds a bidirectional KL
 loss between two forward passes. Rates are per batch row, so one batch can mix tasks with and without HiddenKey.
 
+Defaults (tasks/schema.py ``HiddenKeySpec``), for frozen decoders pre-trained without dropout: DropKey 0.05, the
+low end of the paper's 0.05-0.2; HiddenCut at the model's own pre-training hidden dropout
+(:func:`pretrained_hidden_dropout`, 0 for LLaMA-style models); KL weight 1. When HiddenCut is on, massive
+activations (:func:`massive`) pass it untouched. The measurements behind them: docs/results/variants.md.
+
 Usage::
 
     hk = HiddenKey(model)                    # switches the model to ``attn_implementation="hiddenkey"``
@@ -29,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 ATTN_IMPLEMENTATION = "hiddenkey"
+MASSIVE_RATIO = 100.0  # Sun et al.'s massive activations are ~1000x the median; ordinary outliers stay below 100x
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, HiddenKey] = weakref.WeakKeyDictionary()
 
 
@@ -174,13 +180,45 @@ class HiddenKey:
         return output, weights
 
     def _cut_hidden(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        """HiddenCut: inverted element-wise dropout on an MLP output, scaled by 1 / (1 - p) per row."""
+        """HiddenCut: inverted element-wise dropout on an MLP output, scaled by 1 / (1 - p) per row, except on
+        massive activations (see :func:`massive`), which pass unchanged."""
         if self._hidden_rate is None or not module.training:
             return None
         rate = self._hidden_rate.to(output.device).view(-1, *[1] * (output.dim() - 1))
         dropped = self._mask("hidden", self._hidden_rate, tuple(output.shape),
                              lambda: torch.rand(output.shape, device=output.device) < rate)
-        return output * (~dropped.to(output.device)).to(output.dtype) * (1 / (1 - rate)).to(output.dtype)
+        dropped = dropped.to(output.device)
+        keep = (~dropped).to(output.dtype) * (1 / (1 - rate)).to(output.dtype)
+        return output * torch.where(massive(output), torch.ones_like(keep), keep)
+
+
+def massive(hidden: Tensor, ratio: float = MASSIVE_RATIO) -> Tensor:
+    """Massive activations (Sun et al. 2024, "Massive Activations in Large Language Models"): entries whose |x|
+    exceeds ``ratio`` times the median |x| of their token's hidden vector. Decoders such as SmolLM2 and LLaMA
+    carry a few of them (here up to ~20,000x the median) on the first token and delimiters; attention uses them
+    as a bias, so dropping or rescaling one breaks the frozen model for every later layer (training on BBC
+    topics under element-wise HiddenCut at rate 0.1 ended 5.3x worse than LoRA). HiddenCut leaves them alone."""
+    magnitude = hidden.detach().abs()
+    return magnitude > ratio * magnitude.median(dim=-1, keepdim=True).values
+
+
+# Config fields that hold a model's pre-training dropout on hidden states (residual branch outputs), by family:
+# GPT-2 / Phi, BERT / RoBERTa (the paper's encoders), Falcon / BLOOM, OPT. LLaMA-style configs have none.
+HIDDEN_DROPOUT_FIELDS = ("resid_pdrop", "hidden_dropout_prob", "hidden_dropout", "dropout")
+
+
+def pretrained_hidden_dropout(config) -> float:
+    """The hidden-state dropout rate the model was pre-trained with (0 when its config has none): HiddenCut's
+    default. The paper's HiddenCut rate 0.1 matches RoBERTa's own hidden dropout, so its encoders saw a perturbation
+    they were trained for; a decoder pre-trained without dropout is not: on SmolLM2-135M (no dropout field) element-
+    wise HiddenCut at 0.1 raised the untrained model's NLL from 3.87 to 6.3-6.5 nats even with massive activations
+    exempt (4.4 when every entry above 3x its token's median is exempt), and LoRA + HiddenKey trained under it ended
+    4x worse than LoRA on BBC topics (docs/results/variants.md)."""
+    for name in HIDDEN_DROPOUT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1:
+            return float(value)
+    return 0.0
 
 
 def bidirectional_kl(logits_a: Tensor, logits_b: Tensor, token_mask: Tensor) -> Tensor:

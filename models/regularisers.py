@@ -23,7 +23,7 @@ from tasks.registry import ConfigError
 from tasks.schema import TaskSpec
 
 from .gmt import GradientMask
-from .hiddenkey import HiddenKey, bidirectional_kl
+from .hiddenkey import HiddenKey, bidirectional_kl, pretrained_hidden_dropout
 from .multitask import MultiTaskModel
 
 _INSTALLED: weakref.WeakKeyDictionary[nn.Module, HiddenKey] = weakref.WeakKeyDictionary()
@@ -48,7 +48,9 @@ class HiddenKeyLoss:
         specs = [t.hiddenkey for t in tasks]  # global task id order
         self.on = torch.tensor([s is not None for s in specs])
         self.key_rate = torch.tensor([s.key_drop if s else 0.0 for s in specs])
-        self.hidden_rate = torch.tensor([s.hidden_drop if s else 0.0 for s in specs])
+        own = pretrained_hidden_dropout(mtm.lm.config)  # the default HiddenCut rate: what the model trained with
+        self.hidden_rate = torch.tensor([(own if s.hidden_drop is None else s.hidden_drop) if s else 0.0
+                                         for s in specs])
         self.kl_weight = torch.tensor([s.kl_weight if s else 0.0 for s in specs])
 
     def __call__(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -123,6 +123,32 @@ def test_hidden_cut_drops_the_expected_fraction_and_rescales(models):
     torch.testing.assert_close(cut[1][~dropped[1]], raw[1][~dropped[1]] / 0.7)
 
 
+def test_hidden_cut_leaves_massive_activations_alone(models):
+    _, model, hk = models
+    ids = torch.randint(1, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    mlp = model.model.layers[0].mlp
+    seen = {}
+
+    def plant(m, a, out):  # a massive activation on every token's channel 5, as decoders carry on a few tokens
+        out = out.clone()
+        out[..., 5] = 1e4 * out.abs().median()
+        seen["raw"] = out
+        return out
+
+    mlp.down_proj.register_forward_hook(plant)
+    mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("cut", out))
+    model.train()
+    hk.set_rows(rates(0, 0), rates(0.5, 0.5))
+    model(ids)
+    raw, cut, dropped = seen["raw"], seen["cut"], hk.last_hidden_masks[0]
+    assert dropped[..., 5].any()  # drawn for dropping, yet kept exactly
+    assert torch.equal(cut[..., 5], raw[..., 5])
+    ordinary = torch.ones_like(dropped)
+    ordinary[..., 5] = False
+    assert (cut[dropped & ordinary] == 0).all()
+    torch.testing.assert_close(cut[~dropped & ordinary], raw[~dropped & ordinary] / 0.5)
+
+
 def test_gradients_flow_through_both_passes(models):
     _, model, hk = models
     ids, mask = batch()
@@ -143,3 +169,15 @@ def test_rates_are_validated(models):
     model.train()
     with pytest.raises(ValueError):
         model(torch.ones(3, 4, dtype=torch.long))
+
+
+def test_hidden_cut_defaults_to_the_models_own_pretraining_dropout():
+    from transformers import GPT2Config
+
+    from models.hiddenkey import pretrained_hidden_dropout
+    from tasks.schema import HiddenKeySpec
+
+    assert pretrained_hidden_dropout(LlamaConfig()) == 0.0  # LLaMA-style decoders train without hidden dropout
+    assert pretrained_hidden_dropout(GPT2Config(resid_pdrop=0.1)) == 0.1
+    spec = HiddenKeySpec()
+    assert spec.hidden_drop is None and spec.key_drop == 0.05 and spec.kl_weight == 1.0

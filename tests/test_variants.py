@@ -16,7 +16,7 @@ from models.gmt import keep_count
 from models.multitask import MultiTaskModel
 from models.regularisers import HiddenKeyLoss
 from models.stacked import GLOBAL
-from models.svfit import choose_rank, top_singular
+from models.svfit import GAIN, choose_rank, top_singular
 from tasks.registry import ConfigError
 from tasks.schema import AdapterSpec, HiddenKeySpec, TaskSpec
 
@@ -64,7 +64,7 @@ def merged_reference(mtm: MultiTaskModel, task_id: int, delta_weight) -> torch.n
 
 
 # -- MoSLoRA -----------------------------------------------------------------------------------------
-def test_moslora_init_follows_the_official_code():
+def test_moslora_init_is_lora_scaled_with_an_orthogonal_mixer():
     mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [("a", spec("moslora"))])
     g = mtm.groups[0]
     Theta = mtm.init_params(0)[g.key][1]
@@ -72,7 +72,11 @@ def test_moslora_init_follows_the_official_code():
     parts = {p: Theta[s.offset: s.offset + s.numel].view(s.shape) for p, s in g.layout[m].items()}
     assert parts["B"].abs().max() == 0
     assert 0.5 / 128**0.5 < parts["A"].abs().max() <= 1 / 128**0.5  # Kaiming-uniform, a = sqrt(5)
-    assert 0.5 / 2 < parts["M"].abs().max() <= 1 / 2  # fan_in r = 4: a nonzero mixer, else it never trains
+    M = parts["M"]  # orthogonal: B M A starts with LoRA's scale (|M A x| = |A x|), and a zero M would never train
+    torch.testing.assert_close(M.T @ M, torch.eye(4), atol=1e-6, rtol=0)
+    assert (M - torch.eye(4)).abs().max() > 0.1  # a random rotation that fuses the subspaces, not the identity
+    x = torch.randn(5, 128)
+    torch.testing.assert_close((x @ parts["A"].T @ M.T).norm(dim=1), (x @ parts["A"].T).norm(dim=1))
 
 
 def test_moslora_merged_weight_equals_unmerged_forward():
@@ -105,7 +109,8 @@ def test_svfit_is_exact_at_init_and_trains_r_values_per_matrix():
 
 
 def test_svfit_delta_is_the_papers_singular_value_update():
-    """W' = U_r diag(s_r + ds) V_r^T + (W - U_r diag(s_r) V_r^T), built from a full SVD of each weight."""
+    """W' = U_r diag(s_r + ds) V_r^T + (W - U_r diag(s_r) V_r^T) with ds = s_r * g (the relative change g is what
+    trains), built from a full SVD of each weight."""
     mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [("a", spec("svfit"))])
     randomise(mtm, scale=0.5)
     ref = tiny_lm()
@@ -114,7 +119,7 @@ def test_svfit_delta_is_the_papers_singular_value_update():
         for m in g.layout:
             W = ref.get_submodule(m).weight
             U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-            ds = g.params(m)["s"][slot].double()
+            ds = GAIN * S[:4] * g.params(m)["g"][slot].double()
             top = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
             W.copy_(U[:, :4] @ torch.diag(S[:4] + ds) @ Vh[:4] + (W.double() - top))
     ids = ids_batch()
@@ -127,13 +132,14 @@ def test_svfit_energy_rank_and_disk_cache(svd_cache):
     assert [choose_rank(s, AdapterSpec(type="svfit", energy=e)) for e in (0.5, 0.9, 0.95, 1.0)] == [1, 2, 3, 3]
     assert choose_rank(s, AdapterSpec(type="svfit", rank=8)) == 3
     weight = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))
-    U, Vh = top_singular(weight, AdapterSpec(type="svfit", energy=0.9))
+    U, S, Vh = top_singular(weight, AdapterSpec(type="svfit", energy=0.9))
     (cached,) = svd_cache.glob("*.safetensors")
     s_all = torch.linalg.svdvals(weight)
     assert U.shape[1] == Vh.shape[0] == choose_rank(s_all, AdapterSpec(type="svfit", energy=0.9)) < 6
     torch.testing.assert_close(U.T @ weight @ Vh.T, torch.diag(s_all[: U.shape[1]]), atol=1e-5, rtol=0)
     cached.write_bytes(b"damaged")  # a broken cache entry is recomputed, not trusted
-    U2, Vh2 = top_singular(weight, AdapterSpec(type="svfit", energy=0.9))
+    U2, S2, Vh2 = top_singular(weight, AdapterSpec(type="svfit", energy=0.9))
+    torch.testing.assert_close(S2, s_all[: U.shape[1]], atol=1e-5, rtol=0)
     assert torch.equal(U2 @ torch.diag(s_all[: U.shape[1]]) @ Vh2, U @ torch.diag(s_all[: U.shape[1]]) @ Vh)
     assert cached.read_bytes() != b"damaged"
 
@@ -274,3 +280,10 @@ def test_mixed_types_train_jointly_in_one_cli_run(tmp_path, tiny_model_dir, caps
         tid = GLOBAL if name == "_global" else mtm.task_id(name)
         assert (logits(mtm, ids, [tid] * 3) - logits(peft_model, ids)).abs().max() < 1e-4, name
     capsys.readouterr()
+
+
+def test_hiddenkey_default_rates_on_a_llama():
+    mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [("a", spec("lora")), ("b", spec("lora"))])
+    loss = HiddenKeyLoss(mtm, [task("a", HiddenKeySpec()), task("b", HiddenKeySpec(hidden_drop=0.2))])
+    assert loss.key_rate.tolist() == pytest.approx([0.05, 0.05])
+    assert loss.hidden_rate.tolist() == pytest.approx([0.0, 0.2])  # the Llama's own hidden dropout: none
