@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if unknown or "lora" not in variants:
         p.error(f"unknown data or variant {unknown}" if unknown else "--variants must include lora (the reference)")
     mode, work, t0 = QUICK if args.quick else FULL, Path(args.work) / ("quick" if args.quick else "full"), time.time()
-    keys = [(d, v, s) for d in data for s in seeds for v in variants]
+    keys = [(d, v, s) for s in seeds for d in data for v in variants]  # seed by seed: a cut-short bench has whole seeds
     with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own process (or, in process, one at a time)
         done = dict(zip(keys, pool.map(lambda k: run_cached(work, *k, mode, args), keys)))
     results = {d: {v: {s: done[d, v, s] for s in seeds} for v in variants} for d in data}
