@@ -54,11 +54,12 @@ HWU_SCENARIOS = ["calendar", "email", "play", "iot"]  # 4-13 intents each
 # Rows per step are batch_size x grad_accum (GMT masks the gradient accumulated over the micro-batches).
 FULL = {  # sized so LoRA's validation curve flattens (about 3 epochs) and 3 seeds x 2 data sets fit ~80 min on 2 cores
     "bbc": {"steps": 45, "batch_size": 4, "grad_accum": 2, "max_length": 48, "lr": 3e-3, "max_train": 40,
-            "eval_docs": 24, "eval_every": 5},
+            "eval_docs": 24, "eval_every": 9, "curve_docs": 12},
     "hwu64": {"steps": 60, "batch_size": 4, "grad_accum": 2, "max_length": 32, "lr": 3e-3, "max_train": 80,
-              "eval_docs": 40, "eval_every": 5},
+              "eval_docs": 40, "eval_every": 12, "curve_docs": 20},
 }
-QUICK = {k: {**v, "steps": 4, "max_train": 12, "eval_docs": 4, "eval_every": 2} for k, v in FULL.items()}
+QUICK = {k: {**v, "steps": 4, "max_train": 12, "eval_docs": 4, "eval_every": 2, "curve_docs": 4}
+         for k, v in FULL.items()}
 TAU = 1000.0  # the tasks' shared prior only ties them loosely: every variant trains as near-independent adapters
 
 
@@ -109,7 +110,7 @@ def label_accuracy(ws, mtm) -> dict[str, float]:
     return out
 
 
-def run_one(config: Path, eval_every: int) -> dict:
+def run_one(config: Path, eval_every: int, curve_docs: int) -> dict:
     """Train and measure one registry in this process."""
     import torch
 
@@ -122,7 +123,7 @@ def run_one(config: Path, eval_every: int) -> dict:
     val = {}
     for name in ws.cfg.task_names:
         t = ws.tokens(name, "validation")
-        val[name] = Tokenized(t.ids[: ws.cfg.training.eval_docs], t.n_prompt[: ws.cfg.training.eval_docs])
+        val[name] = Tokenized(t.ids[:curve_docs], t.n_prompt[:curve_docs])  # the curve's share of the budget
     durations, curve = [], []
     step = Trainer.train_step
 
@@ -181,9 +182,10 @@ def run_cached(work: Path, data: str, variant: str, seed: int, mode: dict, args)
         return kept["run"]
     t0 = time.perf_counter()
     if args.in_process:
-        run = run_one(config, mode[data]["eval_every"])
+        run = run_one(config, mode[data]["eval_every"], mode[data]["curve_docs"])
     else:  # a fresh process: its peak memory is this run's alone
-        cmd = [sys.executable, __file__, "--one", str(config), "--eval-every", str(mode[data]["eval_every"])]
+        cmd = [sys.executable, __file__, "--one", str(config), "--eval-every", str(mode[data]["eval_every"]),
+               "--curve-docs", str(mode[data]["curve_docs"])]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -256,13 +258,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one registry, result JSON on stdout
     p.add_argument("--eval-every", type=int, default=10, help=argparse.SUPPRESS)
+    p.add_argument("--curve-docs", type=int, default=12, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_one(Path(args.one), args.eval_every)))
+        print(json.dumps(run_one(Path(args.one), args.eval_every, args.curve_docs)))
         return None
     data, variants = args.data.split(","), args.variants.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
