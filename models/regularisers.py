@@ -92,8 +92,10 @@ def training_extras(mtm: MultiTaskModel, tasks: list[TaskSpec], tau, lr: float) 
     if any(t.hiddenkey is not None for t in tasks):
         extras.loss_terms = HiddenKeyLoss(mtm, tasks)
     if any(t.gmt is not None for t in tasks):
-        mask = GradientMask(mtm, [t.gmt.keep_ratio if t.gmt else None for t in tasks], tau)
+        mask = GradientMask(mtm, [t.gmt.keep_ratio if t.gmt else None for t in tasks], tau,
+                            [bool(t.gmt and t.gmt.freeze_masked) for t in tasks])
         extras.centred_groups = set(mask.groups)  # GMT masks theta_t's own update: keep those groups centred
         extras.grad_hooks.append(mask)
-        extras.optimizer_factory = lambda params: mask.optimizer(params, lr)
+        if mask.freezes:
+            extras.optimizer_factory = lambda params: mask.optimizer(params, lr)
     return extras

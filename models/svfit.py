@@ -5,13 +5,12 @@ With W = U S V^T, the adapted weight is W' = U_r diag(s_r + ds) V_r^T + (W - U_r
 W' = W + U_r diag(ds) V_r^T. The base Linear stays in place, so the layer adds only the delta
 U_r diag(ds) V_r^T x, which is exactly zero at init (ds = 0). A task trains r numbers per matrix.
 
-What trains is the relative change g, ds = GAIN * s_r * g (g = 0 at init). Trained directly, ds moved by about
-the learning rate per Adam step whatever the singular value's size, and SmolLM2's top singular values are
-10-80: at LoRA's learning rate SVFit closed 1% of LoRA's perplexity gain on BBC topics (25 steps), 4% at a
-30x rate. Relative to s_r every matrix moves at the same pace; GAIN = 10 makes that pace GAIN x lr per step
-(3% at the default lr 3e-3), which a user keeps when changing training.lr for the LoRA groups of the same
-hub. At 25 steps on BBC topics: 38% of LoRA's gain at GAIN 1, 92% at GAIN 10 (docs/results/variants.md has
-the converged bench).
+What trains is the relative change g, ds = GAIN * s_r * g (g = 0 at init). Trained directly, ds moved by about the
+learning rate per Adam step whatever the singular value's size, and SmolLM2's top singular values are 10-80: at
+LoRA's learning rate SVFit closed 1% of LoRA's perplexity gain on BBC topics (25 steps), 4% at a 30x rate. Relative
+to s_r every matrix moves at the same pace; GAIN = 10 makes that pace GAIN x lr per step (3% at the default lr
+3e-3), so SVFit groups train well at the learning rate the hub's LoRA groups use. At 25 steps on BBC topics: 25% of
+LoRA's gain at GAIN 1, 60% at GAIN 10 (docs/variants.md; the converged bench: docs/results/variants.md).
 
 U_r, s_r and V_r are frozen and shared by every task of a group (``AdapterType.frozen``). Computing them needs a
 full SVD of every target matrix (about 20 s on 2 cores for SmolLM2-135M), so they are cached on disk,

@@ -106,6 +106,8 @@ class GMTSpec(Strict):
     """Gradient-mask tuning (Li et al. 2024): keep the top fraction of |grad| per tensor slice."""
 
     keep_ratio: float = Field(0.2, gt=0, le=1)  # the paper reports low sensitivity to this ratio
+    # Masked entries stay exactly as they were (MaskedAdam) instead of moving on Adam's momentum (models/gmt.py).
+    freeze_masked: bool = False
 
 
 class DataSpec(Strict):

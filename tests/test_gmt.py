@@ -17,7 +17,7 @@ SPEC = AdapterSpec(type="moslora", rank=4, alpha=8, target_modules=["q_proj", "d
 def trainer(keep: list[float | None], tau=10.0, record: list | None = None, **kw) -> tuple[Trainer, GradientMask]:
     """A Trainer over a tiny model whose tasks use GMT with ``keep`` ratios; ``record`` gets raw grads."""
     mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [(f"t{i}", SPEC) for i in range(len(keep))])
-    mask = GradientMask(mtm, keep, tau)
+    mask = GradientMask(mtm, keep, tau, freeze=[True] * len(keep))
     prior = BoraPrior(mtm, tau, torch.full((len(keep),), 6.0), mtm.init_params(0), centred=set(mask.groups))
 
     def capture(named_params):
@@ -89,3 +89,30 @@ def test_gmt_run_resumes_to_the_same_adapters(tmp_path):
     assert resumed.step == 3
     for (_, p), (_, q) in zip(straight.named_params, resumed.named_params, strict=True):
         assert torch.equal(p, q)
+
+
+def test_by_default_masked_entries_move_on_adams_momentum():
+    from models.regularisers import training_extras
+    from tasks.schema import GMTSpec, TaskSpec
+
+    mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [("t0", SPEC), ("t1", SPEC)])
+    tasks = [TaskSpec(name="t0", gmt=GMTSpec(keep_ratio=0.25)), TaskSpec(name="t1")]
+    extras = training_extras(mtm, tasks, 10.0, 0.01)
+    assert extras.optimizer_factory is None  # the trainer's plain Adam
+    frozen = training_extras(mtm, [TaskSpec(name="t0", gmt=GMTSpec(keep_ratio=0.25, freeze_masked=True)),
+                                   TaskSpec(name="t1")], 10.0, 0.01)
+    assert frozen.optimizer_factory is not None
+    (mask,) = extras.grad_hooks
+    prior = BoraPrior(mtm, 10.0, torch.full((2,), 6.0), mtm.init_params(0), centred=set(mask.groups))
+    t = Trainer(prior, tiny_batcher(2), lr=0.01, seed=0, grad_accum=2, steps=2, grad_hooks=[mask])
+    t.train_step()
+    params = {site_of(n): p for n, p in t.named_params}
+    before, kept_first = params["theta_0"].detach().clone(), params["theta_0"].grad[0] != 0
+    t.train_step()
+    theta = params["theta_0"]
+    masked = theta.grad[0] == 0
+    assert 0.6 < masked.float().mean() < 0.8  # the gradient is masked as before ...
+    carried = masked & kept_first  # ... and entries with momentum from step 1 still move on it
+    assert carried.sum() > 10 and (theta[0][carried] != before[0][carried]).all()
+    never = masked & ~kept_first  # entries that never had a gradient have no momentum
+    assert torch.equal(theta[0][never], before[0][never])
