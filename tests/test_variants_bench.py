@@ -66,7 +66,12 @@ def test_quick_bench_on_a_tiny_model_in_process(tiny_model_dir, tmp_path, one_th
     assert run["trainable_per_task"] < out["runs"]["hwu64"]["lora"][0]["trainable_per_task"]
     assert run["peak_memory_mb"] > 10 and run["step_seconds"] > 0
     assert not (tmp_path / "out").exists()  # a partial bench writes no report
-    # a second start reuses every finished run
+    assert run["accuracy_on"] == variants.ACCURACY_ON
+    # a second start reuses every finished run, and rescores a kept run whose accuracy was measured otherwise
+    kept = tmp_path / "work" / "quick" / "hwu64" / "seed0" / "svfit" / "result.json"
+    stale = json.loads(kept.read_text())
+    stale["run"].update(accuracy={n: -1.0 for n in run["accuracy"]}, accuracy_on="40 requests")
+    kept.write_text(json.dumps(stale))
     again = variants.main(argv)
     assert "reusing" in capsys.readouterr().err
     assert again["runs"] == out["runs"]
