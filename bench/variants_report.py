@@ -63,8 +63,10 @@ def markdown(out: dict) -> str:
              "SmolLM2-135M-Instruct; every variant exactly as the registry gives it (adapter type at its defaults, "
              f"`hiddenkey: {{}}`, `gmt: {{}}`), rank 8 on all seven projections, tau {out['tau']:g}, seeds "
              f"{', '.join(map(str, out['seeds']))} (mean ± sd over seeds). 'vs LoRA' is each seed's mean test "
-             "perplexity against LoRA's of the same seed; 'share of LoRA's gain' is (base − variant) / (base − "
-             "LoRA) in perplexity. Step time: median optimiser step against LoRA's. Peak memory: the run's "
+             "perplexity against LoRA's of the same seed; 'share of LoRA's gain' is log(base / variant) / "
+             "log(base / LoRA), the share of LoRA's gain in mean token NLL (HWU64's base model gives the unseen "
+             "labels perplexities of 10^3-10^5, so a share in perplexity would say nothing). Step time: median "
+             "optimiser step against LoRA's (runs went two at a time, one thread each). Peak memory: the run's "
              "process (resident set on CPU, allocated on GPU). The curves (variants_curves.png) show validation "
              "perplexity every few steps: LoRA's has flattened by the end of the budget.", ""]
     for d, summary in out["summary"].items():

@@ -28,12 +28,13 @@ def test_summary_ratios_gain_share_and_goals():
     runs = {"lora": {0: fake_run(30.0), 1: fake_run(40.0)},
             "moslora": {0: fake_run(30.3, step=1.5), 1: fake_run(40.0, step=1.5)},  # +1% and 0%: within 2%
             "lora+gmt": {0: fake_run(33.0), 1: fake_run(44.0)},  # +10%
-            "svfit": {0: fake_run(44.0, acc=0.5), 1: fake_run(47.0, acc=0.7)}}  # 30% then 30% of the gain
+            "svfit": {0: fake_run(50 * (30 / 50) ** 0.3, acc=0.5),  # 30% of LoRA's NLL gain, then 60%
+                      1: fake_run(50 * (40 / 50) ** 0.6, acc=0.7)}}
     s = variants.summarise(runs)
     assert s["moslora"]["vs_lora"]["mean"] == pytest.approx(0.005)
     assert s["moslora"]["step_time_vs_lora"]["mean"] == pytest.approx(1.5)
     assert s["lora+gmt"]["vs_lora"]["values"] == pytest.approx([0.1, 0.1])
-    assert s["svfit"]["share_of_lora_gain"]["values"] == pytest.approx([0.3, 0.3])
+    assert s["svfit"]["share_of_lora_gain"]["values"] == pytest.approx([0.3, 0.6])
     assert s["svfit"]["trainable_vs_lora"] == pytest.approx(0.005)
     assert s["svfit"]["accuracy"]["mean"] == pytest.approx(0.6) and "accuracy" not in s["lora"]
     g = variants.goals(s)
