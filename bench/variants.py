@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict | None:
            "date": datetime.date.today().isoformat(),
            "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}", "mode": mode, "seeds": seeds,
            "variants": {v: {"adapter": VARIANTS[v][0], **VARIANTS[v][1]} for v in variants}, "tau": TAU,
+           "jobs": args.jobs, "threads": args.threads,
            "summary": {d: summarise(results[d]) for d in data}, "runs": results,
            "seconds": time.time() - t0}
     out["goals"] = {d: goals(out["summary"][d]) for d in data}
