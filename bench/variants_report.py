@@ -66,7 +66,8 @@ def markdown(out: dict) -> str:
              "perplexity against LoRA's of the same seed; 'share of LoRA's gain' is log(base / variant) / "
              "log(base / LoRA), the share of LoRA's gain in mean token NLL (HWU64's base model gives the unseen "
              "labels perplexities of 10^3-10^5, so a share in perplexity would say nothing). Step time: median "
-             f"optimiser step against LoRA's ({out['jobs']} run(s) at a time, threads: {out['threads'] or 'torch default'}). "
+             f"optimiser step against LoRA's ({out['jobs']} run(s) at a time, threads per run: "
+             f"{out['threads'] or 'torch default'}). "
              "Peak memory: the run's "
              "process (resident set on CPU, allocated on GPU). The curves (variants_curves.png) show validation "
              "perplexity every few steps: LoRA's has flattened by the end of the budget.", ""]
