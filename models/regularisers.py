@@ -83,7 +83,7 @@ class TrainingExtras:
     loss_terms: Callable | None = None
     grad_hooks: list[Callable] = field(default_factory=list)
     optimizer_factory: Callable | None = None
-    centred_groups: set[int] = field(default_factory=set)  # groups BoraPrior must keep centred (GMT)
+    centred_groups: set[int] = field(default_factory=set)  # groups BoraPrior must keep centred (GMT freeze_masked)
 
 
 def training_extras(mtm: MultiTaskModel, tasks: list[TaskSpec], tau, lr: float) -> TrainingExtras:
@@ -94,7 +94,8 @@ def training_extras(mtm: MultiTaskModel, tasks: list[TaskSpec], tau, lr: float) 
     if any(t.gmt is not None for t in tasks):
         mask = GradientMask(mtm, [t.gmt.keep_ratio if t.gmt else None for t in tasks], tau,
                             [bool(t.gmt and t.gmt.freeze_masked) for t in tasks])
-        extras.centred_groups = set(mask.groups)  # GMT masks theta_t's own update: keep those groups centred
+        if mask.freezes:  # frozen entries of theta_t must not move with Theta: keep those groups centred
+            extras.centred_groups = set(mask.groups)
         extras.grad_hooks.append(mask)
         if mask.freezes:
             extras.optimizer_factory = lambda params: mask.optimizer(params, lr)

@@ -252,7 +252,7 @@ def test_mixed_types_train_jointly_in_one_cli_run(tmp_path, tiny_model_dir, caps
     cooking["adapter"] = {"type": "lora", "rank": 4, "alpha": 8, "target_modules": TARGETS}
     cooking["hiddenkey"] = {"key_drop": 0.2, "hidden_drop": 0.1, "kl_weight": 1.0}
     finance["adapter"] = {"type": "moslora", "rank": 4, "alpha": 8, "target_modules": TARGETS}
-    finance["gmt"] = {"keep_ratio": 0.25}
+    finance["gmt"] = {"keep_ratio": 0.25, "freeze_masked": True}  # centred, masked entries exactly unchanged
     sport["adapter"] = {"type": "svfit", "rank": 4, "target_modules": TARGETS}
     raw["training"].update(steps=1, grad_accum=2)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
