@@ -75,8 +75,10 @@ def markdown(out: dict) -> str:
         m = out["mode"][d]
         lines += [f"## {TITLES.get(d, d)}", "",
                   f"{m['steps']} optimiser steps of {m['batch_size']} x {m['grad_accum']} rows (max {m['max_length']}"
-                  f" tokens), lr {m['lr']} (cosine), up to {m['max_train']} training examples per task, test on up "
-                  f"to {m['eval_docs']} per task.", "", *table(summary), ""]
+                  f" tokens), lr {m['lr']} (cosine), up to {m['max_train']} training examples per task, test "
+                  f"perplexity on up to {m['eval_docs']} per task"
+                  + ("; label accuracy on every test request." if "accuracy" in summary["lora"] else "."),
+                  "", *table(summary), ""]
         lines += ["Goals: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in out["goals"][d].items()), ""]
     return "\n".join(lines)
 
