@@ -7,7 +7,7 @@ loss between two forward passes. Rates are per batch row, so one batch can mix t
 Defaults (tasks/schema.py ``HiddenKeySpec``), for frozen decoders pre-trained without dropout: DropKey 0.05, the
 low end of the paper's 0.05-0.2; HiddenCut at the model's own pre-training hidden dropout
 (:func:`pretrained_hidden_dropout`, 0 for LLaMA-style models); KL weight 1. When HiddenCut is on, massive
-activations (:func:`massive`) pass it untouched. The measurements behind them: docs/results/variants.md.
+activations (:func:`massive`) pass it untouched. The measurements behind them: docs/variants.md.
 
 Usage::
 
@@ -213,7 +213,7 @@ def pretrained_hidden_dropout(config) -> float:
     they were trained for; a decoder pre-trained without dropout is not: on SmolLM2-135M (no dropout field) element-
     wise HiddenCut at 0.1 raised the untrained model's NLL from 3.87 to 6.3-6.5 nats even with massive activations
     exempt (4.4 when every entry above 3x its token's median is exempt), and LoRA + HiddenKey trained under it ended
-    4x worse than LoRA on BBC topics (docs/results/variants.md)."""
+    4x worse than LoRA on BBC topics (docs/variants.md)."""
     for name in HIDDEN_DROPOUT_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1:
