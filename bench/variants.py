@@ -53,11 +53,12 @@ VARIANTS = {
 BBC_TOPICS = ["business", "politics", "tech"]
 HWU_SCENARIOS = ["calendar", "email", "play", "iot"]  # 4-13 intents each
 # Rows per step are batch_size x grad_accum (GMT masks the gradient accumulated over the micro-batches).
+ALL = 1_000_000  # every test request: HWU64's file order is by intent, so the first N would cover a few intents
 FULL = {  # sized so LoRA's validation curve flattens (about 3 epochs) and 3 seeds x 2 data sets fit ~80 min on 2 cores
     "bbc": {"steps": 45, "batch_size": 4, "grad_accum": 2, "max_length": 48, "lr": 3e-3, "max_train": 40,
             "eval_docs": 24, "eval_every": 9, "curve_docs": 12},
     "hwu64": {"steps": 60, "batch_size": 4, "grad_accum": 2, "max_length": 32, "lr": 3e-3, "max_train": 80,
-              "eval_docs": 40, "eval_every": 12, "curve_docs": 20},
+              "eval_docs": ALL, "eval_every": 12, "curve_docs": 20},
 }
 QUICK = {k: {**v, "steps": 4, "max_train": 12, "eval_docs": 4, "eval_every": 2, "curve_docs": 4}
          for k, v in FULL.items()}
@@ -116,6 +117,11 @@ def label_accuracy(ws, mtm) -> dict[str, float]:
     return out
 
 
+def spaced(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k >= n``)."""
+    return list(range(n)) if k >= n else [i * n // k for i in range(k)]
+
+
 def run_one(config: Path, eval_every: int, curve_docs: int) -> dict:
     """Train and measure one registry in this process."""
     import torch
@@ -129,7 +135,8 @@ def run_one(config: Path, eval_every: int, curve_docs: int) -> dict:
     val = {}
     for name in ws.cfg.task_names:
         t = ws.tokens(name, "validation")
-        val[name] = Tokenized(t.ids[:curve_docs], t.n_prompt[:curve_docs])  # the curve's share of the budget
+        pick = spaced(len(t.ids), curve_docs)  # spread over the split, which keeps the file's (intent) order
+        val[name] = Tokenized([t.ids[i] for i in pick], [t.n_prompt[i] for i in pick])
     durations, curve = [], []
     step = Trainer.train_step
 
@@ -187,8 +194,22 @@ def commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
+def from_prior(prior: dict, data: str, variant: str, seed: int, mode: dict) -> dict | None:
+    """The run of an earlier results file (``--prior``) for this data set, variant and seed when that bench ran the
+    same settings for the data set and the same variant definition and tau; None otherwise."""
+    same = (prior.get("mode", {}).get(data) == mode[data] and prior.get("tau") == TAU
+            and prior.get("variants", {}).get(variant) == {"adapter": VARIANTS[variant][0], **VARIANTS[variant][1]})
+    return prior.get("runs", {}).get(data, {}).get(variant, {}).get(str(seed)) if same else None
+
+
 def run_cached(work: Path, data: str, variant: str, seed: int, mode: dict, args) -> dict:
-    """One run, from its kept result when the registry and code are unchanged (``args.reuse``: any code)."""
+    """One run, from its kept result when the registry and code are unchanged (``args.reuse``: any code), or from
+    the ``--prior`` results file when it holds this run at the same settings."""
+    earlier = from_prior(args.prior, data, variant, seed, mode) if args.prior else None
+    if earlier is not None:
+        print(f"{data} seed {seed} {variant}: taken from the prior results (commit {earlier['commit']})",
+              file=sys.stderr)
+        return earlier
     folder = work / data / f"seed{seed}" / "".join(c if c.isalnum() else "_" for c in variant)
     config = registry(folder, data, variant, seed, mode, args.base_model)
     done, key = folder / "result.json", config.read_text() + code_hash()
@@ -275,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (give each --threads 1 on a small machine)")
     p.add_argument("--reuse", action="store_true", help="reuse kept runs of the same registry whatever the code")
+    p.add_argument("--prior", type=Path, help="an earlier results JSON: its runs at the same settings are taken")
     p.add_argument("--in-process", action="store_true", help="run in this process (no per-run peak memory)")
     p.add_argument("--work", default=str(ROOT / ".borahub" / "bench_variants"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
@@ -289,6 +311,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.one:
         print(json.dumps(run_one(Path(args.one), args.eval_every, args.curve_docs)))
         return None
+    try:
+        args.prior = json.loads(args.prior.read_text()) if args.prior else None
+    except (OSError, ValueError) as e:
+        p.error(f"--prior {args.prior}: {e}")
     data, variants = args.data.split(","), args.variants.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [v for v in variants if v not in VARIANTS] + [d for d in data if d not in FULL]

@@ -54,7 +54,7 @@ def plot(out: dict, folder: Path) -> str:
     path = folder / "variants_curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return str(path)
+    return path.name  # beside the JSON
 
 
 def markdown(out: dict) -> str:
@@ -76,7 +76,8 @@ def markdown(out: dict) -> str:
         lines += [f"## {TITLES.get(d, d)}", "",
                   f"{m['steps']} optimiser steps of {m['batch_size']} x {m['grad_accum']} rows (max {m['max_length']}"
                   f" tokens), lr {m['lr']} (cosine), up to {m['max_train']} training examples per task, test "
-                  f"perplexity on up to {m['eval_docs']} per task"
+                  "perplexity on " + (f"up to {m['eval_docs']} examples per task" if m["eval_docs"] < 10 ** 6 else
+                                       "every test example")
                   + ("; label accuracy on every test request." if "accuracy" in summary["lora"] else "."),
                   "", *table(summary), ""]
         lines += ["Goals: " + "; ".join(f"{k}: {'met' if v else 'not met'}" for k, v in out["goals"][d].items()), ""]

@@ -76,6 +76,13 @@ def test_quick_bench_on_a_tiny_model_in_process(tiny_model_dir, tmp_path, one_th
     again = variants.main(argv)
     assert "reusing" in capsys.readouterr().err
     assert again["runs"] == out["runs"]
+    # a bench in an empty work folder takes the runs of an earlier results file at the same settings
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps(out))
+    taken = variants.main([*argv[:-4], "--work", str(tmp_path / "empty"), "--prior", str(prior)])
+    assert "taken from the prior results" in capsys.readouterr().err
+    assert taken["runs"]["hwu64"]["svfit"][0]["perplexity"] == run["perplexity"]
+    assert not (tmp_path / "empty").exists()
     report = {**out, "runs": {"hwu64": out["runs"]["hwu64"], "bbc": out["runs"]["hwu64"]},
               "summary": {"hwu64": out["summary"]["hwu64"], "bbc": out["summary"]["hwu64"]},
               "goals": {"hwu64": out["goals"]["hwu64"], "bbc": out["goals"]["hwu64"]}}
@@ -84,3 +91,18 @@ def test_quick_bench_on_a_tiny_model_in_process(tiny_model_dir, tmp_path, one_th
     assert md.count("| svfit |") == 2 and "label accuracy" in md
     assert (tmp_path / "out" / "variants_curves.png").stat().st_size > 5000
     assert json.loads((tmp_path / "out" / "variants.json").read_text())["seeds"] == [0]
+
+
+def test_prior_runs_only_at_the_same_settings_and_spaced_rows():
+    run = fake_run(30.0)
+    prior = {"mode": variants.FULL, "tau": variants.TAU, "runs": {"bbc": {"moslora": {"2": run}}},
+             "variants": {v: {"adapter": a, **e} for v, (a, e) in variants.VARIANTS.items()}}
+    assert variants.from_prior(prior, "bbc", "moslora", 2, variants.FULL) == run
+    assert variants.from_prior(prior, "bbc", "moslora", 1, variants.FULL) is None  # not in it
+    assert variants.from_prior(prior, "bbc", "lora", 2, variants.FULL) is None
+    other = {**variants.FULL, "bbc": {**variants.FULL["bbc"], "steps": 44}}
+    assert variants.from_prior(prior, "bbc", "moslora", 2, other) is None  # another budget
+    assert variants.from_prior({**prior, "tau": 1.0}, "bbc", "moslora", 2, variants.FULL) is None
+    changed = {**prior, "variants": {**prior["variants"], "moslora": {"adapter": {"type": "moslora", "rank": 4}}}}
+    assert variants.from_prior(changed, "bbc", "moslora", 2, variants.FULL) is None
+    assert variants.spaced(100, 4) == [0, 25, 50, 75] and variants.spaced(3, 20) == [0, 1, 2]
