@@ -73,7 +73,8 @@ def cmd_train(args) -> int:
         return 0
     print(f"trained {report.steps - report.start_step} steps (from step {report.start_step}) in "
           f"{report.seconds:.1f}s, {report.tokens_per_s:.0f} tokens/s, last NLL {report.last_nll:.3f}; "
-          f"store: {ws.store}")
+          + (f"{report.clipped_steps} steps clipped to max_grad_norm; " if ws.cfg.training.max_grad_norm else "")
+          + f"store: {ws.store}")
     return 0
 
 

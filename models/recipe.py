@@ -88,7 +88,8 @@ def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, To
     trainer = Trainer(prior, batcher, steps=steps, lr=training.lr, lr_schedule=training.lr_schedule,
                       seed=training.seed, grad_accum=training.grad_accum, checkpoint_every=training.checkpoint_every,
                       checkpoint_dir=checkpoint_dir, run_id=run_id(mtm, tasks, chosen, tau, steps, training),
-                      grad_hooks=hooks, optimizer_factory=extras.optimizer_factory, accelerator=acc)
+                      grad_hooks=hooks, optimizer_factory=extras.optimizer_factory, accelerator=acc,
+                      max_grad_norm=training.max_grad_norm)
     report = trainer.fit(resume=resume, progress=progress)
     if learn_tau:
         report.tau_history = hooks[-1].history
@@ -123,6 +124,7 @@ def run_id(mtm: MultiTaskModel, tasks: list[TaskSpec], chosen: list[str], tau, s
             "batch": t.batch_size, "lr": t.lr, "lr_schedule": t.lr_schedule,
             "base": {k: v for k, v in mtm.fingerprint.items() if k != "weights_hash"},  # the same at any precision
             "sampling": t.sampling, "max_length": t.max_length, "grad_accum": t.grad_accum,
+            **({"max_grad_norm": t.max_grad_norm} if t.max_grad_norm else {}),  # unset: as runs before it
             "adapters": {x.name: [mtm.locate(i)[0].key,  # a resume must not mix optimiser setups
                                   x.hiddenkey and x.hiddenkey.model_dump(), x.gmt and x.gmt.model_dump()]
                          for i, x in enumerate(tasks)}}

@@ -53,6 +53,7 @@ class TrainReport:
     main_process: bool = True  # False on the other processes of a data-parallel run (they neither save nor print)
     tau: float | str | None = None  # the prior's tau at the end (learned under tau: auto)
     tau_history: list = field(default_factory=list)  # (step, tau) while tau: auto learned it
+    clipped_steps: int = 0  # steps of this run whose gradient norm was above max_grad_norm (then scaled to it)
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,13 +72,14 @@ class Trainer:
     freezing tasks for a cold start); each takes the list of (name, parameter).
     lr_schedule: "constant", or "cosine" (lr * (1 + cos(pi * step / steps)) / 2); the rate is a function of
     the step alone, so a resumed run takes the same steps as an uninterrupted one.
+    max_grad_norm: when given, the gradients' global norm is clipped to it after the hooks, before each step.
     """
 
     def __init__(self, prior: BoraPrior, batcher, *, steps: int, lr: float, seed: int, grad_accum: int = 1,
                  lr_schedule: str = "constant",
                  checkpoint_every: int = 20, checkpoint_dir: str | Path | None = None, run_id: dict | None = None,
                  grad_hooks: list[Callable] | None = None, optimizer_factory: Callable | None = None,
-                 accelerator=None):
+                 accelerator=None, max_grad_norm: float | None = None):
         """accelerator: an ``accelerate.Accelerator`` (models/device.py); default: fp32 on the model's device."""
         self.prior, self.batcher = prior, batcher
         self.steps, self.seed, self.grad_accum = steps, seed, grad_accum
@@ -97,6 +99,7 @@ class Trainer:
                              f"processes ({self.world}): each process trains a share of every batch")
         self.device = self.acc.device
         self.grad_hooks = grad_hooks or []
+        self.max_grad_norm, self.clipped_steps = max_grad_norm, 0
         pyro.enable_validation(False)  # support checks on ~10^7 parameters cost more than the prior itself
         self.prior.likelihood_weight = float(self.world)  # DDP averages: N x (1/N) counts each row once
         with self.acc.autocast():
@@ -187,6 +190,9 @@ class Trainer:
                                 f"(NLL {nll:g}); the stored hub was left as it was: lower training.lr")
         for hook in self.grad_hooks:
             hook(self.named_params)
+        if self.max_grad_norm is not None:
+            norm = self.acc.clip_grad_norm_([p for _, p in self.named_params], self.max_grad_norm)
+            self.clipped_steps += int(float(norm) > self.max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.step()
@@ -215,7 +221,8 @@ class Trainer:
         self.prior.mtm.eval()
         rows = self.acc.gather(torch.tensor([self.rows], device=self.device)) if self.world > 1 else [self.rows]
         return TrainReport(self.steps, start, time.perf_counter() - t0, tokens, self.last_nll, self.world,
-                           tuple(int(r) for r in rows), self.acc.is_main_process, self.prior.tau)
+                           tuple(int(r) for r in rows), self.acc.is_main_process, self.prior.tau,
+                           clipped_steps=self.clipped_steps)
 
     def _check_finite(self) -> None:
         """Never checkpoint or hand back NaN/inf parameters (a finite loss can still overflow a step)."""

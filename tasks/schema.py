@@ -216,6 +216,9 @@ class TrainingSpec(Strict):
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: lr decays to 0 over the run's steps
     sampling: Literal["proportional", "balanced"] = "proportional"  # rows per task ~ data size, or equal
     grad_accum: int = Field(1, ge=1, le=4096)  # micro-batches per optimiser step (GMT masks the accumulated grad)
+    # Clip the global gradient norm before each step (after GMT's mask); off when unset. Adam ignores a constant
+    # scale, so this only damps steps whose gradient spikes above the bound (a diverging run's symptom).
+    max_grad_norm: float | None = Field(None, gt=0, le=1e9)
     checkpoint_every: int = Field(20, ge=1)  # steps between atomic checkpoints (resume point)
     eval_docs: int = Field(24, ge=1, le=1_000_000)  # held-out documents per task for `borahub eval`
     seed: int = Field(0, ge=0, le=MAX_SEED)  # torch and numpy seeds derive from it

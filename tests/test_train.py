@@ -111,6 +111,40 @@ def test_lr_schedule_sets_each_step_rate_from_the_step_alone(schedule):
     assert rates == [0.01 * f for f in factor]
 
 
+def test_max_grad_norm_clips_the_step_gradient_and_counts_clipped_steps(tiny_registry, capsys):
+    from conftest import tiny_batcher, tiny_lm, tiny_tokenizer
+
+    from models.bora import BoraPrior
+    from models.multitask import MultiTaskModel
+    from models.trainer import Trainer
+    from tasks.schema import AdapterSpec
+
+    def trainer(bound):
+        torch.manual_seed(0)
+        spec = AdapterSpec(rank=4, alpha=8, target_modules=["q_proj"])
+        mtm = MultiTaskModel(tiny_lm(), tiny_tokenizer(), "tiny", [("a", spec), ("b", spec)])
+        prior = BoraPrior(mtm, 10.0, torch.full((2,), 6.0), mtm.init_params(0))
+        return Trainer(prior, tiny_batcher(2), steps=2, lr=0.01, seed=0, max_grad_norm=bound)
+
+    def grad_norm(t):
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for _, p in t.named_params])))
+
+    free = trainer(None)
+    free.train_step()
+    raw = grad_norm(free)
+    clipped = trainer(raw / 4)
+    clipped.train_step()
+    assert grad_norm(clipped) == pytest.approx(raw / 4, rel=1e-4) and clipped.clipped_steps == 1
+    loose = trainer(raw * 4)
+    loose.train_step()
+    assert grad_norm(loose) == pytest.approx(raw, rel=1e-6) and loose.clipped_steps == 0
+    # from the registry: every step's gradient is far above a tiny bound
+    cfg = yaml.safe_load(tiny_registry.read_text())
+    cfg["training"]["max_grad_norm"] = 1e-6
+    tiny_registry.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tiny_registry), "train", "--quiet", "--steps", "3"]) == 0
+    assert "3 steps clipped to max_grad_norm" in capsys.readouterr().out
+
 def cli(*args, cwd):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "hub.cli", *args], cwd=cwd, env=env,
