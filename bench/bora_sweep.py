@@ -45,9 +45,12 @@ HWU_LR = 1e-3  # 8 requests of ~10 tokens per step are ~1/6 of BBC's tokens: at 
 
 
 def training(mode: dict, seed: int, max_length: int, lr: float = 0.003) -> dict:
-    return {"steps": mode["steps"], "batch_size": mode["batch_size"], "max_length": max_length, "lr": lr,
-            "lr_schedule": "cosine", "checkpoint_every": 10 ** 6, "eval_docs": mode["eval_docs"], "seed": seed,
-            "sampling": mode["sampling"]}
+    """The runs' training settings; ``mode`` may override the data set's lr and set max_grad_norm (--lr,
+    --max-grad-norm), which otherwise stay out of the registry (its text keys the kept runs)."""
+    out = {"steps": mode["steps"], "batch_size": mode["batch_size"], "max_length": max_length,
+           "lr": mode.get("lr") or lr, "lr_schedule": "cosine", "checkpoint_every": 10 ** 6,
+           "eval_docs": mode["eval_docs"], "seed": seed, "sampling": mode["sampling"]}
+    return {**out, "max_grad_norm": mode["max_grad_norm"]} if mode.get("max_grad_norm") else out
 
 
 def bbc_registry(work: Path, mode: dict, seed: int) -> Path:
@@ -314,11 +317,14 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="scratch folder for the runs' stores (default .borahub/bora_sweep)")
     ap.add_argument("--reuse-grid", action="store_true",
                     help="reuse finished fixed-tau runs of this registry although models/ changed (auto reruns)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 on bbc, 1e-3 on hwu64)")
+    ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: off)")
     ap.add_argument("--out", default=None, help="results folder (default docs/results; --quick: the work folder)")
     args = ap.parse_args()
     mode = dict(QUICK if args.quick else FULL)
     if args.grid:
         mode["grid"] = [t if t == "shared" else float(t) for t in args.grid.split(",")]
+    mode.update({k: v for k, v in (("lr", args.lr), ("max_grad_norm", args.max_grad_norm)) if v is not None})
     if args.threads:
         import torch
 

@@ -99,7 +99,7 @@ class Trainer:
                              f"processes ({self.world}): each process trains a share of every batch")
         self.device = self.acc.device
         self.grad_hooks = grad_hooks or []
-        self.max_grad_norm, self.clipped_steps = max_grad_norm, 0
+        self.max_grad_norm, self.clipped_steps, self.last_grad_norm = max_grad_norm, 0, float("nan")
         pyro.enable_validation(False)  # support checks on ~10^7 parameters cost more than the prior itself
         self.prior.likelihood_weight = float(self.world)  # DDP averages: N x (1/N) counts each row once
         with self.acc.autocast():
@@ -192,7 +192,8 @@ class Trainer:
             hook(self.named_params)
         if self.max_grad_norm is not None:
             norm = self.acc.clip_grad_norm_([p for _, p in self.named_params], self.max_grad_norm)
-            self.clipped_steps += int(float(norm) > self.max_grad_norm)
+            self.last_grad_norm = float(norm)  # before clipping
+            self.clipped_steps += int(self.last_grad_norm > self.max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.step()

@@ -114,3 +114,17 @@ def test_finished_runs_are_reused_on_the_same_registry_and_code_or_fixed_taus_on
     assert not bora_sweep.reusable(kept, "auto", "cfg-text", "cfg-text" + "cd" * 8, reuse_grid=True)  # auto reruns
     assert not bora_sweep.reusable(kept, 10.0, "other-registry", "other-registry", reuse_grid=True)
     assert not bora_sweep.reusable({}, 10.0, "cfg-text", "cfg-text", reuse_grid=True)
+
+
+def test_lr_and_clipping_overrides_enter_the_registry_only_when_given(tmp_path):
+    from tasks.registry import load_config
+
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    plain = load_config(bora_sweep.bbc_registry(tmp_path / "a", bora_sweep.QUICK, 0)).training
+    assert plain.lr == 3e-3 and plain.max_grad_norm is None
+    assert "max_grad_norm" not in (tmp_path / "a" / "tasks.yaml").read_text()  # kept runs stay reusable
+    mode = {**bora_sweep.QUICK, "lr": 1e-3, "max_grad_norm": 2.0}
+    assert load_config(bora_sweep.hwu_registry(tmp_path / "b", mode, 0)).training.max_grad_norm == 2.0
+    clipped = load_config(bora_sweep.bbc_registry(tmp_path / "c", mode, 0)).training
+    assert (clipped.lr, clipped.max_grad_norm) == (1e-3, 2.0)

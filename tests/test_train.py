@@ -135,6 +135,7 @@ def test_max_grad_norm_clips_the_step_gradient_and_counts_clipped_steps(tiny_reg
     clipped = trainer(raw / 4)
     clipped.train_step()
     assert grad_norm(clipped) == pytest.approx(raw / 4, rel=1e-4) and clipped.clipped_steps == 1
+    assert clipped.last_grad_norm == pytest.approx(raw, rel=1e-5)
     loose = trainer(raw * 4)
     loose.train_step()
     assert grad_norm(loose) == pytest.approx(raw, rel=1e-6) and loose.clipped_steps == 0
