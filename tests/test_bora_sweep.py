@@ -128,3 +128,16 @@ def test_lr_and_clipping_overrides_enter_the_registry_only_when_given(tmp_path):
     assert load_config(bora_sweep.hwu_registry(tmp_path / "b", mode, 0)).training.max_grad_norm == 2.0
     clipped = load_config(bora_sweep.bbc_registry(tmp_path / "c", mode, 0)).training
     assert (clipped.lr, clipped.max_grad_norm) == (1e-3, 2.0)
+
+
+def test_grad_norm_trace_reads_every_step_and_clips_only_when_asked(tiny_registry):
+    import grad_norms
+
+    plain = grad_norms.trace(tiny_registry, tau=5.0)
+    steps = Workspace(tiny_registry).cfg.training.steps
+    assert [s["step"] for s in plain["steps"]] == list(range(1, steps + 1))
+    assert all(s["grad_norm"] > 0 for s in plain["steps"]) and plain["clipped_steps"] == 0
+    clipped = grad_norms.trace(tiny_registry, tau=5.0, max_grad_norm=1e-6)
+    assert clipped["clipped_steps"] == steps
+    assert [s["grad_norm"] for s in clipped["steps"]][0] == pytest.approx(plain["steps"][0]["grad_norm"], rel=1e-5)
+    assert clipped["perplexity"] != plain["perplexity"]
