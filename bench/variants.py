@@ -108,8 +108,7 @@ def label_accuracy(ws, mtm) -> dict[str, float]:
     whose greedy generated label (up to the line's end) is the intent."""
     from hub.engine import Engine
 
-    templates = {t.name: t.prompt for t in ws.cfg.tasks if t.prompt is not None}  # as `borahub generate` does
-    engine, out = Engine(mtm, templates=templates), {}
+    engine, out = Engine(mtm, templates=ws.templates(mtm.task_names)), {}  # as `borahub generate` wraps requests
     for name in ws.cfg.task_names:
         rows = ws.data(name).test
         gens = engine.generate([e.router_text for e in rows], task=name, max_new_tokens=8, stop=["\n"])

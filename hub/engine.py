@@ -83,8 +83,7 @@ class Engine:
             router, error = Router.load(ws.store, mtm), None
         except RouterError as e:
             router, error = None, e
-        templates = {t.name: t.prompt for t in ws.cfg.tasks if t.prompt is not None and t.name in mtm.task_names}
-        return cls(mtm, router, router_error=error, templates=templates, **kw)
+        return cls(mtm, router, router_error=error, templates=ws.templates(mtm.task_names), **kw)
 
     @property
     def adapters(self) -> list[str]:

@@ -79,6 +79,11 @@ class Workspace:
         store_mod.load_into(mtm, self.store, state)
         return mtm, state
 
+    def templates(self, names: list[str]) -> dict[str, str]:
+        """task -> prompt template, for those of ``names`` that have one: what generation wraps a raw request in,
+        as training did."""
+        return {t.name: t.prompt for t in self.cfg.tasks if t.prompt is not None and t.name in names}
+
     # -- training ----------------------------------------------------------------------------------
     def train(self, names: list[str] | None = None, steps: int | None = None, tau=None, resume: bool = False,
               progress: bool = True, fit_router: bool = True) -> TrainReport:

@@ -37,6 +37,11 @@ from .base import cache_dir
 GAIN = 10.0  # ds = GAIN * s_r * g: Adam moves each singular value by about GAIN * lr of itself per step
 
 
+def _ds(g: Tensor, frozen: dict[str, Tensor]) -> Tensor:
+    """The change of the top singular values from the trained relative change g (any leading dimensions)."""
+    return g * (GAIN * frozen["S"])
+
+
 def choose_rank(singular: Tensor, spec: AdapterSpec) -> int:
     """spec.rank, or the smallest r with sum(s_1..r^2) >= energy * sum(s^2); at most min(out, in)."""
     if spec.energy is None:
@@ -96,13 +101,13 @@ class SVFit:
               spec: AdapterSpec) -> Tensor:
         # The delta is linear in g, so blending K choices in output space blends their g: (N, r).
         g = p["g"].sum(1) if w is None else (p["g"] * w[..., None]).sum(1)
-        return F.linear(F.linear(x, frozen["Vh"]) * (g * (GAIN * frozen["S"]))[:, None, :], frozen["U"])
+        return F.linear(F.linear(x, frozen["Vh"]) * _ds(g, frozen)[:, None, :], frozen["U"])
 
     def delta_one(self, x: Tensor, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec) -> Tensor:
-        return F.linear(F.linear(x, frozen["Vh"]) * (p["g"] * (GAIN * frozen["S"])), frozen["U"])
+        return F.linear(F.linear(x, frozen["Vh"]) * _ds(p["g"], frozen), frozen["U"])
 
     def to_lora(self, p: dict[str, Tensor], frozen: dict[str, Tensor], spec: AdapterSpec
                 ) -> tuple[Tensor, Tensor, float]:
         r = frozen["U"].shape[1]
-        ds = p["g"] * (GAIN * frozen["S"])
+        ds = _ds(p["g"], frozen)
         return frozen["Vh"], frozen["U"] * ds[None, :], float(r)  # lora_alpha = r: PEFT's scale is 1
