@@ -111,14 +111,25 @@ def reusable(kept: dict, tau, config_text: str, settings: str, reuse_grid: bool)
     return reuse_grid and tau != "auto" and str(kept.get("registry", "")).startswith(config_text)
 
 
+def prior_runs(prior: dict | None, data: str, mode: dict, seed: int) -> dict:
+    """The fixed-tau runs (not auto) of an earlier results file (``--prior``) for ``seed``, when that sweep ran this
+    data set at the same settings (its grid aside); {} otherwise. Lets a sweep go on in another checkout."""
+    same = lambda m: {k: v for k, v in m.items() if k != "grid"}  # noqa: E731
+    if not prior or prior.get("data") != data or same(prior.get("settings", {})) != same(mode):
+        return {}
+    runs = next((s["runs"] for s in prior.get("per_seed", []) if s.get("seed") == seed), {})
+    return {k: r for k, r in runs.items() if k != "auto"}
+
+
 def run_sweep(config: Path, grid: list, search_evaluations: int = 0, progress: bool = False,
-              reuse_grid: bool = False) -> dict:
+              reuse_grid: bool = False, earlier: dict | None = None) -> dict:
     """Train + test-evaluate at every tau of the grid, then with tau auto (one run), and with tau search if
     ``search_evaluations``; returns {"runs": {label: run}, "search": ...}.
 
     Each finished run (auto included) is kept in <work>/runs/<tau>.json with the registry it ran on (and a hash of
     the code under models/), and reused when the sweep is started again on the same registry and code (an
-    interrupted sweep loses at most the run in progress)."""
+    interrupted sweep loses at most the run in progress). ``earlier``: fixed-tau runs to take as they are, by label
+    (``prior_runs``)."""
     ws = Workspace(config)
     root = ws.store
     code = sorted((ROOT / "models").glob("*.py"))  # every file a run's numbers rest on
@@ -128,6 +139,11 @@ def run_sweep(config: Path, grid: list, search_evaluations: int = 0, progress: b
     for tau in [*grid, "auto"]:
         done = root.parent / "runs" / f"{tau_label(tau)}.json"
         kept = json.loads(done.read_text()) if done.exists() else {}
+        if tau != "auto" and tau_label(tau) in (earlier or {}):
+            runs[tau_label(tau)] = earlier[tau_label(tau)]
+            print(f"tau={tau_label(tau)}: taken from the prior results (code {runs[tau_label(tau)].get('code')})",
+                  file=sys.stderr)
+            continue
         if reusable(kept, tau, config_text, settings, reuse_grid):
             runs[tau_label(tau)] = {"code": "before 2026-12-02 (not recorded)", **kept["run"]}
             print(f"tau={tau_label(tau)}: reusing the finished run in {done} (code {runs[tau_label(tau)]['code']})",
@@ -319,11 +335,17 @@ def main() -> None:
                     help="reuse finished fixed-tau runs of this registry although models/ changed (auto reruns)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 on bbc, 1e-3 on hwu64)")
     ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: off)")
+    ap.add_argument("--prior", type=Path, default=None,
+                    help="an earlier results JSON: its fixed-tau runs of the same data and settings are taken")
     ap.add_argument("--out", default=None, help="results folder (default docs/results; --quick: the work folder)")
     args = ap.parse_args()
     mode = dict(QUICK if args.quick else FULL)
     if args.grid:
         mode["grid"] = [t if t == "shared" else float(t) for t in args.grid.split(",")]
+    try:
+        prior = json.loads(args.prior.read_text()) if args.prior else None
+    except (OSError, ValueError) as e:
+        ap.error(f"--prior {args.prior}: {e}")
     mode.update({k: v for k, v in (("lr", args.lr), ("max_grad_norm", args.max_grad_norm)) if v is not None})
     if args.threads:
         import torch
@@ -338,7 +360,7 @@ def main() -> None:
         folder = work / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
         res = run_sweep(registry(folder, mode, seed), mode["grid"], args.search, progress=True,
-                        reuse_grid=args.reuse_grid)
+                        reuse_grid=args.reuse_grid, earlier=prior_runs(prior, args.data, mode, seed))
         per_seed.append({"seed": seed, **res, **summarise(res["runs"])})
     import torch
 

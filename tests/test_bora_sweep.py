@@ -141,3 +141,17 @@ def test_grad_norm_trace_reads_every_step_and_clips_only_when_asked(tiny_registr
     assert clipped["clipped_steps"] == steps
     assert [s["grad_norm"] for s in clipped["steps"]][0] == pytest.approx(plain["steps"][0]["grad_norm"], rel=1e-5)
     assert clipped["perplexity"] != plain["perplexity"]
+
+
+def test_prior_results_give_their_fixed_tau_runs_at_the_same_settings(tiny_registry, capsys):
+    run = {"tau": 0.0, "code": "abc", "perplexity": {"a": 9.0}, "n_train": {"a": 3}}
+    prior = {"data": "bbc", "settings": {**bora_sweep.FULL, "grid": [0, "shared"]},
+             "per_seed": [{"seed": 1, "runs": {"0": run, "auto": {**run, "tau": 3.0}}}]}
+    taken = bora_sweep.prior_runs(prior, "bbc", {**bora_sweep.FULL, "grid": [0, 10]}, 1)
+    assert taken == {"0": run}  # auto always reruns; another grid is fine
+    assert bora_sweep.prior_runs(prior, "bbc", bora_sweep.FULL, 0) == {}
+    assert bora_sweep.prior_runs(prior, "hwu64", bora_sweep.FULL, 1) == {}
+    assert bora_sweep.prior_runs(prior, "bbc", {**bora_sweep.FULL, "lr": 1e-3}, 1) == {}
+    out = bora_sweep.run_sweep(tiny_registry, [0], earlier=taken)
+    assert out["runs"]["0"] == run and "taken from the prior results" in capsys.readouterr().err
+    assert set(out["runs"]) == {"0", "auto"}
