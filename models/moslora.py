@@ -2,10 +2,13 @@
 
 dW = B M A (alpha / r): LoRA with a learnable r x r mixer M between the down- and up-projection, which fuses
 the r rank-one subspaces of LoRA. A is Kaiming-uniform (a = sqrt(5)) and B zero, as in LoRA, so dW = 0 at
-init. M starts as a random orthogonal matrix: then |M A x| = |A x|, so B's gradient and dW's first steps have
-LoRA's scale, while the official code's Kaiming-uniform M (entries within +-1/sqrt(r)) shrinks M A x to about
-0.58 of A x (rows of norm sqrt(1/3)) and with it the effective learning rate. A zero M would never train (its
-gradient is B^T (.) A^T = 0 while B = 0, and B's gradient M (.) is 0 too). Measured: docs/results/variants.md.
+init. M starts as the identity: B M A then starts exactly where LoRA's B A starts (the same A, since the mixer
+draws nothing from the generator), and the mixer's learning is the only difference from LoRA (its gradient
+B^T (.) (A x)^T is nonzero once B moves). Any fixed invertible M is LoRA with A' = M A; a random orthogonal start
+(the previous default) is LoRA from another random start, and measured as such it moved a task by -7% to +14%
+against LoRA per seed, with the mixer trained or frozen (docs/variants.md). The official code's Kaiming-uniform
+M (entries within +-1/sqrt(r)) shrinks M A x to about 0.58 of A x and with it the effective learning rate; a zero
+M would never train (its gradient is 0 while B = 0, and B's gradient M (.) is 0 too).
 The mixer folds into B for export and merging (B' = B M), so a MoSLoRA adapter is a plain LoRA at inference
 time.
 """
@@ -18,12 +21,6 @@ from torch import Tensor, nn
 from tasks.schema import AdapterSpec
 
 from .adapter import kaiming_uniform, project_in, project_out
-
-
-def random_orthogonal(r: int, gen: torch.Generator) -> Tensor:
-    """A Haar-random r x r orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
-    q, upper = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(upper))[None, :]).float()
 
 
 class MoSLoRA:
@@ -39,7 +36,7 @@ class MoSLoRA:
     def init(self, spec: AdapterSpec, base: nn.Linear, frozen, gen) -> dict[str, Tensor]:
         r = spec.rank
         return {"A": kaiming_uniform((r, base.in_features), base.in_features, gen),
-                "M": random_orthogonal(r, gen),
+                "M": torch.eye(r),
                 "B": torch.zeros(base.out_features, r)}
 
     def delta(self, x: Tensor, p: dict[str, Tensor], w: Tensor | None, frozen, spec: AdapterSpec) -> Tensor:
