@@ -154,7 +154,7 @@ def run_sweep(config: Path, grid: list, search_evaluations: int = 0, progress: b
         report = ws.train(tau=tau, progress=progress, fit_router=False)
         res = ws.evaluate(split="test")
         runs[tau_label(tau)] = {"tau": report.tau, "code": code_version(), "seconds": time.perf_counter() - t0,
-                                "train_seconds": report.seconds,
+                                "train_seconds": report.seconds, "clipped_steps": report.clipped_steps,
                                 "perplexity": {n: r["perplexity"] for n, r in res.items()},
                                 "base_perplexity": {n: r["base_perplexity"] for n, r in res.items()},
                                 "n_train": {n: r["n_train"] for n, r in res.items()}}
