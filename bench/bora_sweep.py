@@ -122,9 +122,9 @@ def prior_runs(prior: dict | None, data: str, mode: dict, seed: int) -> dict:
 
 
 def run_sweep(config: Path, grid: list, search_evaluations: int = 0, progress: bool = False,
-              reuse_grid: bool = False, earlier: dict | None = None) -> dict:
-    """Train + test-evaluate at every tau of the grid, then with tau auto (one run), and with tau search if
-    ``search_evaluations``; returns {"runs": {label: run}, "search": ...}.
+              reuse_grid: bool = False, earlier: dict | None = None, auto: bool = True) -> dict:
+    """Train + test-evaluate at every tau of the grid, then with tau auto (one run) unless not ``auto``, and with
+    tau search if ``search_evaluations``; returns {"runs": {label: run}, "search": ...}.
 
     Each finished run (auto included) is kept in <work>/runs/<tau>.json with the registry it ran on (and a hash of
     the code under models/), and reused when the sweep is started again on the same registry and code (an
@@ -136,7 +136,7 @@ def run_sweep(config: Path, grid: list, search_evaluations: int = 0, progress: b
     config_text = config.read_text()
     settings = config_text + "".join(hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in code)
     runs = {}
-    for tau in [*grid, "auto"]:
+    for tau in [*grid, *(["auto"] if auto else [])]:
         done = root.parent / "runs" / f"{tau_label(tau)}.json"
         kept = json.loads(done.read_text()) if done.exists() else {}
         if tau != "auto" and tau_label(tau) in (earlier or {}):
@@ -330,6 +330,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--grid", default=None, help="comma-separated taus instead of the mode's grid, e.g. 0,100,shared")
     ap.add_argument("--search", type=int, default=0, metavar="N", help="also run tau: search with N candidate runs")
+    ap.add_argument("--no-auto", action="store_true", help="the grid only (no tau: auto run)")
     ap.add_argument("--work", default=None, help="scratch folder for the runs' stores (default .borahub/bora_sweep)")
     ap.add_argument("--reuse-grid", action="store_true",
                     help="reuse finished fixed-tau runs of this registry although models/ changed (auto reruns)")
@@ -360,7 +361,8 @@ def main() -> None:
         folder = work / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
         res = run_sweep(registry(folder, mode, seed), mode["grid"], args.search, progress=True,
-                        reuse_grid=args.reuse_grid, earlier=prior_runs(prior, args.data, mode, seed))
+                        reuse_grid=args.reuse_grid, earlier=prior_runs(prior, args.data, mode, seed),
+                        auto=not args.no_auto)
         per_seed.append({"seed": seed, **res, **summarise(res["runs"])})
     import torch
 

@@ -91,6 +91,9 @@ def test_an_interrupted_sweep_reuses_finished_runs(tiny_registry, capsys):
     tiny_registry.write_text(yaml.safe_dump(cfg))
     bora_sweep.run_sweep(tiny_registry, [0])
     assert "reusing" not in capsys.readouterr().err
+    grid_only = bora_sweep.run_sweep(tiny_registry, [0, "shared"], auto=False)  # --no-auto
+    assert set(grid_only["runs"]) == {"0", "shared"}
+    assert "auto_vs_best_grid" not in bora_sweep.summarise(grid_only["runs"])
 
 
 def test_search_proposals_find_the_valley_of_a_smooth_curve():
