@@ -79,9 +79,14 @@ class BoraPrior:
     """The Pyro model + MAP guide over every group's (theta, Theta)."""
 
     def __init__(self, mtm: MultiTaskModel, tau: float | str, sizes: Tensor,
-                 init: dict[str, tuple[Tensor, Tensor]], loss_terms=None, centred: set[int] | None = None):
-        """centred: indices of groups to write centred (theta_t sampled around Theta) although 0 < tau < inf."""
-        self.mtm, self.tau = mtm, tau
+                 init: dict[str, tuple[Tensor, Tensor]], loss_terms=None, centred: set[int] | None = None,
+                 scaled: bool = False):
+        """centred: indices of groups to write centred (theta_t sampled around Theta) although 0 < tau < inf.
+        scaled: write the non-centred offsets in units of the prior's scale, delta_t = u_t / sqrt(tau) with u_t ~
+        Normal(0, I), for a tau that moves during the run (tau: auto): a change of tau then shortens or lengthens
+        the offsets at once, and the prior's gradient on u_t (u_t itself) does not jump with tau under Adam's
+        slowly adapting second moments."""
+        self.mtm, self.tau, self.scaled = mtm, tau, scaled
         self.centred = {i for i in range(len(mtm.groups)) if tau == 0 or (centred and i in centred)}
         self.sizes = sizes.float()  # training documents per task (global id order)
         self.loss_terms = loss_terms  # optional callable(batch) -> (nll_sum, ntok, extra_loss_per_row)
@@ -96,13 +101,17 @@ class BoraPrior:
             theta, Theta = init[g.key]
             values[f"Theta_{i}"] = Theta
             if tau != "shared":
-                values[self.task_site(i)] = theta if i in self.centred else theta - Theta
+                values[self.task_site(i)] = theta if i in self.centred else (theta - Theta) * self.unit()
         self.guide = AutoDelta(self.model, init_loc_fn=init_to_value(values=values))
 
     def task_site(self, i: int) -> str:
         """Name of group i's per-task sample site: theta itself (centred groups, every group at tau 0) or the
         offsets delta (non-centred). Not meaningful under tau = shared, which has no per-task site."""
-        return f"theta_{i}" if i in self.centred else f"delta_{i}"
+        return f"theta_{i}" if i in self.centred else f"u_{i}" if self.scaled else f"delta_{i}"
+
+    def unit(self) -> float:
+        """sqrt(tau) under ``scaled`` (delta_t = u_t / unit), else 1."""
+        return math.sqrt(float(self.tau)) if self.scaled else 1.0
 
     def model(self, batch: dict[str, Tensor]) -> None:
         for i, g in enumerate(self.mtm.groups):
@@ -119,7 +128,9 @@ class BoraPrior:
                     theta = pyro.sample(self.task_site(i), IsotropicNormal(Theta, float(self.tau), (g.n_tasks,)))
                     g.flat = torch.cat([theta, Theta[None]])
                 else:  # theta_t = Theta + delta_t, delta_t ~ Normal(0, tau^-1/2 I): theta_t ~ Normal(Theta, tau^-1/2 I)
-                    delta = pyro.sample(self.task_site(i), IsotropicNormal(None, float(self.tau), (g.n_tasks,), g.dim))
+                    prec = 1.0 if self.scaled else float(self.tau)  # scaled: u_t ~ N(0, I), delta_t = u_t / sqrt(tau)
+                    u = pyro.sample(self.task_site(i), IsotropicNormal(None, prec, (g.n_tasks,), g.dim))
+                    delta = u / self.unit()
                     g.flat = torch.cat([delta, delta.new_zeros(1, g.dim)]) + Theta
         if self.loss_terms is not None:
             nll, ntok, extra = self.loss_terms(batch)
@@ -160,7 +171,7 @@ class BoraPrior:
                 if self.tau == 0:
                     Theta = theta.mean(0)
             else:
-                theta = Theta + med[self.task_site(i)]
+                theta = Theta + med[self.task_site(i)] / self.unit()
             out[g.key] = (theta, Theta.clone())
         return out
 

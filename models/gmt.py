@@ -68,7 +68,7 @@ class GradientMask:
                                            _blocks(g), g.dim)
             else:  # the task site: theta (centred groups) or the offsets delta (non-centred), see models/bora.py
                 plan = ([(r, torch.tensor(s), f) for (r, f), s in rows.items()], _blocks(g), g.dim)
-                self.plan[f"theta_{i}"] = self.plan[f"delta_{i}"] = plan
+                self.plan[f"theta_{i}"] = self.plan[f"delta_{i}"] = self.plan[f"u_{i}"] = plan
         self.freezes = any(f for parts, _, _ in self.plan.values() for _, _, f in parts)  # MaskedAdam needed
         self.masks: dict[Tensor, Tensor] = {}  # parameter -> bool mask of the entries the last step may change
 

@@ -73,14 +73,15 @@ def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, To
                            "(the stored hub's tau)"], source)
     start_tau = TAU0 if learn_tau else tau
     extras = training_extras(mtm, tasks, start_tau, training.lr)  # HiddenKey loss, GMT mask + masked Adam
-    prior = BoraPrior(mtm, start_tau, sizes, init, loss_terms=extras.loss_terms, centred=extras.centred_groups)
+    held_out = held_out_batcher(names, validation or {}, training, mtm.tokenizer.pad_token_id) if learn_tau else None
+    prior = BoraPrior(mtm, start_tau, sizes, init, loss_terms=extras.loss_terms, centred=extras.centred_groups,
+                      scaled=held_out is not None)  # the evidence update reads delta's gradients
     steps = steps or training.steps
     hooks = ([freeze_hook(prior, frozen_ids)] if frozen_ids else []) + extras.grad_hooks
     if learn_tau:
         share = torch.zeros(len(names))
         share[torch.as_tensor(batcher.tasks)] = torch.as_tensor(batcher.probs, dtype=torch.float32)
-        hooks.append(tau_hook(prior, share * training.batch_size * training.grad_accum, sizes, steps,
-                              held_out_batcher(names, validation or {}, training, mtm.tokenizer.pad_token_id)))
+        hooks.append(tau_hook(prior, share * training.batch_size * training.grad_accum, sizes, steps, held_out))
     acc = device_mod.accelerator(settings.device, settings.precision, training.grad_accum)
     if training.batch_size < acc.num_processes:
         raise ConfigError([f"training.batch_size: {training.batch_size} is less than the number of processes "
