@@ -133,7 +133,7 @@ class Workspace:
         specs = {t.name: cfg.adapter_of(t) for t in cfg.tasks}
         metrics = {"steps": report.steps, "train_nll": report.last_nll, "run": self.settings.record(report, tcfg)}
         if tau == "auto":
-            method = ("held-out shrinkage test (models/tau_heldout.py)"
+            method = ("held-out shrinkage test (models/tau_heldout.py), offsets in prior-scale units"
                       if validation else "evidence update (models/tau_eb.py)")
             metrics["tau_auto"] = {"method": method, "tau": report.tau,
                                    "history": report.tau_history}

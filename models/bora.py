@@ -14,6 +14,10 @@ Theta now receives every task's data gradient, as the one shared adapter does, a
 specific to task t, shrunk by the prior. Centred, Theta learns only through the prior's pull, so under Adam
 and a fixed step budget the tied tasks trained slower than one shared adapter (docs/bora.md).
 
+While tau: auto moves tau during the run, the offsets are written in units of the prior's scale, delta_t = u_t /
+sqrt(tau) with u_t ~ Normal(0, I) (``scaled``; same model again at any fixed tau), so that a new tau acts on the
+offsets at once (models/tau_heldout.py says why).
+
 Here tau is a Gaussian precision: the penalty per task is tau/2 * ||theta_t - Theta||^2. The reference code
 uses an unsquared Frobenius norm tau * ||.||, so its tau values are not comparable (docs/bora.md).
 

@@ -16,8 +16,15 @@ Why not the evidence fixed point (models/tau_eb.py, kept for hubs without valida
 offsets sit at their MAP, and after a budget of a few hundred steps they do not. On HWU64 it landed at tau
 24-45 where the best fixed tau was 10 (+6.3% mean perplexity), and starting the held-out test from the evidence
 point (147 after the warm-up at tau0 = 1) was worse still (+11.5% on seed 0): the early steps at a too-large tau
-cost what later corrections cannot win back. Started at tau0 = 1 after a short warm-up, the test alone: +1.27%
-on the 3-seed mean (docs/bora.md has the measurements).
+cost what later corrections cannot win back.
+
+While tau moves, the prior (models/bora.py, ``scaled``) writes the offsets in units of its own scale, delta_t =
+u_t / sqrt(tau): a new tau then shortens or lengthens the offsets at once, which is what the test asked for, and
+the prior's gradient on u_t (u_t itself) does not jump with tau. With delta_t itself trained, a tau that rose
+30-fold multiplied the prior's gradient on every offset while Adam's second moments, averaged over the whole
+run, still reflected the early, small ones; tau kept climbing (to 43-79 on BBC topics, where fixed tau 7-100 all
+scored within 2%) and the runs ended worse than any fixed tau they passed through. Measured (docs/bora.md):
+BBC +2.0% -> +0.7% against the best grid tau on the 3-seed mean.
 """
 from __future__ import annotations
 

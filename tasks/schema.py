@@ -191,7 +191,7 @@ class PriorSpec(Strict):
             if low in ("shared", "inf", "infinity"):
                 return "shared"
             if low == "auto":
-                return "auto"  # learned in the training run by empirical Bayes (models/tau_eb.py)
+                return "auto"  # learned in the training run (models/tau_heldout.py; tau_eb.py without validation)
             if low == "search":
                 return "search"  # chosen on the validation split over several runs (hub/tau_search.py)
             try:

@@ -1,6 +1,8 @@
 """The BoRA prior: tau=0 decouples tasks, a huge tau ties every task to Theta, tau=shared is one adapter."""
 from __future__ import annotations
 
+import math
+
 import torch
 from conftest import tiny_lm
 
@@ -126,3 +128,27 @@ def test_loss_is_the_negative_log_joint():
     lm = (10.0 / 4 * nll / ntok).sum()  # task 0 has 10 documents and all 4 rows
     log_prior = dist.Normal(Theta, 5.0 ** -0.5).to_event(1).log_prob(theta).sum()
     torch.testing.assert_close(loss.detach(), (lm - log_prior).detach(), rtol=1e-5, atol=1e-3)
+
+
+def test_scaled_offsets_are_the_same_model_and_a_new_tau_rescales_them_at_once():
+    """scaled (tau: auto): delta_t = u_t / sqrt(tau), u_t ~ N(0, I). At a fixed tau it is the same density as the
+    non-centred form up to a constant (the log-normaliser), from the same (theta, Theta); the gradient on u_t is
+    delta_t's divided by sqrt(tau); and when tau changes the offsets shrink or grow at once by sqrt(old / new)."""
+    tau = 9.0
+    mtm, plain = setup(tau)
+    init = mtm.init_params(0, noise=1e-2)
+    scaled = BoraPrior(mtm, tau, torch.tensor([10.0, 20.0, 30.0]), init, scaled=True)
+    assert scaled.task_site(0) == "u_0" and plain.task_site(0) == "delta_0"
+    key, batch, dim = mtm.groups[0].key, only_task0_batch(), mtm.groups[0].dim
+    constant = 3 * 0.5 * dim * math.log(tau)  # the 3 tasks' normalisers: D/2 log(tau) in one, 0 in the other
+    torch.testing.assert_close(float((plain.loss(batch) - scaled.loss(batch)).detach()), -constant, rtol=1e-5,
+                               atol=1e-2)
+    for a, b in zip(plain.values()[key], scaled.values()[key]):
+        torch.testing.assert_close(a, b)
+    g_plain, g_scaled = grads(plain, batch), grads(scaled, batch)
+    torch.testing.assert_close(g_scaled["u_0_unconstrained"], g_plain["delta_0_unconstrained"] / 3.0,
+                               rtol=1e-4, atol=1e-7)
+    theta, Theta = scaled.values()[key]
+    scaled.tau = 4 * tau
+    theta2, Theta2 = scaled.values()[key]
+    torch.testing.assert_close(theta2 - Theta2, (theta - Theta) / 2)  # sqrt(tau / (4 tau))

@@ -166,6 +166,7 @@ def test_tau_auto_trains_once_and_records_the_learned_tau(tiny_registry, capsys)
     assert isinstance(state["tau"], float) and state["tau"] == learned["tau"] != 1.0
     assert learned["history"][0] == [0, 1.0] and learned["history"][-1][1] == state["tau"]
     assert "held-out" in learned["method"]  # the tiny tasks have validation rows: the held-out correction ran
+    assert "prior-scale units" in learned["method"]  # delta = u / sqrt(tau) while tau moves (models/bora.py)
     assert len(learned["history"]) >= 3  # tau0, then a held-out correction every 4 steps after the first
     assert state["metrics"]["run"]["steps_run"] == 12  # one run of the budget, not a search
     assert main(["--config", str(tiny_registry), "train", "--quiet", "--tasks", "sport"]) == 2
