@@ -117,6 +117,11 @@ class BoraPrior:
         """sqrt(tau) under ``scaled`` (delta_t = u_t / unit), else 1."""
         return math.sqrt(float(self.tau)) if self.scaled else 1.0
 
+    def offsets(self, site_value: Tensor) -> Tensor:
+        """delta_t from a non-centred group's site value: u_t / sqrt(tau) under ``scaled``, else the value itself
+        (no copy of the (T, D) stack on the fixed-tau path)."""
+        return site_value / self.unit() if self.scaled else site_value
+
     def model(self, batch: dict[str, Tensor]) -> None:
         for i, g in enumerate(self.mtm.groups):
             Theta = pyro.sample(f"Theta_{i}", dist.ImproperUniform(constraints.real, (), (g.dim,)))
@@ -133,8 +138,8 @@ class BoraPrior:
                     g.flat = torch.cat([theta, Theta[None]])
                 else:  # theta_t = Theta + delta_t, delta_t ~ Normal(0, tau^-1/2 I): theta_t ~ Normal(Theta, tau^-1/2 I)
                     prec = 1.0 if self.scaled else float(self.tau)  # scaled: u_t ~ N(0, I), delta_t = u_t / sqrt(tau)
-                    u = pyro.sample(self.task_site(i), IsotropicNormal(None, prec, (g.n_tasks,), g.dim))
-                    delta = u / self.unit()
+                    site = pyro.sample(self.task_site(i), IsotropicNormal(None, prec, (g.n_tasks,), g.dim))
+                    delta = self.offsets(site)
                     g.flat = torch.cat([delta, delta.new_zeros(1, g.dim)]) + Theta
         if self.loss_terms is not None:
             nll, ntok, extra = self.loss_terms(batch)
@@ -175,7 +180,7 @@ class BoraPrior:
                 if self.tau == 0:
                     Theta = theta.mean(0)
             else:
-                theta = Theta + med[self.task_site(i)] / self.unit()
+                theta = Theta + self.offsets(med[self.task_site(i)])
             out[g.key] = (theta, Theta.clone())
         return out
 
