@@ -49,10 +49,10 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
-def random_adapters(n_adapters: int, rank: int, seed: int) -> MultiTaskModel:
-    """Our model on the embedded SmolLM2-135M with n random rank-r LoRA adapters on every projection."""
+def random_adapters(n_adapters: int, rank: int, seed: int, dtype: torch.dtype = torch.float32) -> MultiTaskModel:
+    """Our model on the embedded SmolLM2-135M (in ``dtype``) with n random rank-r LoRA adapters on every projection."""
     spec = AdapterSpec(rank=rank, alpha=2 * rank, target_modules=list(ALL_PROJECTIONS))
-    lm, tok = load_base("smollm2-135m")
+    lm, tok = load_base("smollm2-135m", dtype=dtype)
     mtm = MultiTaskModel(lm, tok, "smollm2-135m", [(f"t{i}", spec) for i in range(n_adapters)])
     g = mtm.groups[0]
     flat = 0.02 * torch.randn(g.flat.shape, generator=torch.Generator().manual_seed(seed))

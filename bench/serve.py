@@ -9,7 +9,10 @@ the adapters that served the requests. Prompts: the openings of unseen BBC News 
 topics), as a user would send them. Each server runs alone, as a subprocess with ``--threads`` torch threads.
 Prints JSON; writes docs/results/serve.{json,md}.
 
-    python bench/serve.py [--config tasks.yaml] [--clients 1,4,16] [--tokens 32] [--rounds 2] [--no-peer]
+Both servers run in ``--precision`` (fp32, or bf16: our ``--precision bf16``, the peer's ``--dtype bfloat16``).
+
+    python bench/serve.py [--config tasks.yaml] [--clients 1,4,16] [--tokens 32] [--rounds 2] [--precision fp32]
+                          [--no-peer]
 """
 from __future__ import annotations
 
@@ -48,6 +51,16 @@ def prompts(config: Path, n: int) -> list[str]:
     for i in range(max(map(len, per_task))):
         out += [" ".join(docs[i].split()[:40]) for docs in per_task if i < len(docs)]
     return out[:n]
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it multiplies bf16 natively (AMX tiles): bf16 results depend on it."""
+    import torch
+
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return f"{name}, AMX bf16: {'yes' if torch.cpu._is_amx_tile_supported() else 'no'}"
 
 
 def start(cmd: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
@@ -107,6 +120,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "serve"))
     args = ap.parse_args()
@@ -120,17 +134,25 @@ def main() -> None:
         """Start the server alone, load it with ``clients`` clients, stop it."""
         port = free_port()
         if name == ours_name:
-            cmd, model = [sys.executable, "-m", "hub.cli", "--config", args.config, "serve", "--port", str(port),
+            cmd, model = [sys.executable, "-m", "hub.cli", "--config", args.config, "--precision", args.precision,
+                          "serve", "--port", str(port),
                           "--max-batch", str(max(levels))], "auto"
         else:
             from models.base import _embedded_folder
 
             model = str(_embedded_folder("smollm2-135m"))
             cmd = [str(Path(sys.executable).parent / "transformers"), "serve", model, "--continuous-batching",
-                   "--device", "cpu", "--port", str(port)]
+                   "--device", "cpu", "--port", str(port),
+                   "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.precision]]
         proc = start(cmd, port, args.threads, logs / f"{'ours' if name == ours_name else 'peer'}_{clients}.log")
         try:
-            return load(f"http://127.0.0.1:{port}/v1", model, texts, clients, args.rounds, args.tokens)
+            result = load(f"http://127.0.0.1:{port}/v1", model, texts, clients, args.rounds, args.tokens)
+            if name == ours_name:  # where the worker's time went (the warm-up request included)
+                import httpx2 as httpx
+
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+                result["worker_busy_s"], result["steps"] = health.get("busy_s"), health.get("steps")
+            return result
         finally:
             proc.terminate()
             proc.wait(60)
@@ -150,13 +172,15 @@ def main() -> None:
         summary["p95_ours_vs_peer_at_max_clients"] = [ours[-1]["p95_s"], peer[-1]["p95_s"]]
     command = "python bench/serve.py " + " ".join(sys.argv[1:])
     result = {"command": command.strip(), "date": dt.date.today().isoformat(), "machine": platform.machine(),
-              "cpus": os.cpu_count(), "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
+              "cpus": os.cpu_count(), "cpu": cpu_name(), "precision": args.precision, "threads": args.threads,
+              "tokens": args.tokens, "rounds": args.rounds,
               "servers": servers, "summary": summary}
     print(json.dumps(result, indent=2))
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Serving under load: `borahub serve` vs `transformers serve --continuous-batching`", "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}, {result['cpus']} CPU cores, "
-             f"{args.threads} torch threads per server; {result['date']}. Greedy, {args.tokens} new tokens, "
+             f"Command: `{result['command']}`  ",
+             f"Machine: {result['machine']}, {result['cpu']}, {result['cpus']} CPU cores, {args.threads} torch threads "
+             f"per server, both servers in {args.precision}; {result['date']}. Greedy, {args.tokens} new tokens, "
              f"{args.rounds} requests per client in a row; prompts: openings of unseen BBC test articles.", "",
              "| server | clients | completion tok/s | p50 s | p95 s | errors | served by |",
              "|---|---:|---:|---:|---:|---:|---|"]

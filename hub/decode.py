@@ -94,10 +94,13 @@ class DecodeBatch:
             ids[i, width - len(rest):] = torch.tensor(rest)
             mask[i, n_pre: n_pre + width - len(rest)] = 0  # left padding, after the prefix
         past = None if prefixes is None else prefixes.stacked(rows)
+        # the last position's logits only, asked for by index (not logits_to_keep=1): the index gathers the rows'
+        # last hidden states into a contiguous (N, 1, d) tensor, where the slice leaves a strided view that a bf16
+        # matmul on the CPU multiplies by copying the output layer once per row (16 rows: 2.3 s of a 3.9 s prefill)
         with self.mtm.routed(rows_routing(rows)):
             out = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                           position_ids=_positions(mask)[:, n_pre:].to(dev), cache=past, use_cache=True,
-                          logits_to_keep=1)
+                          logits_to_keep=torch.tensor([width - 1], device=dev))
         mask, first = mask.to(dev), self._pick(out.logits[:, -1], rows)
         if self.rows:
             self.cache, self.mask = _join(self.cache, self.mask, out.cache, mask)

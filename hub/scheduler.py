@@ -79,6 +79,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.running = True
         self.steps = self.peak_rows = self.cancelled = 0
+        self.seconds = {"route": 0.0, "prefill": 0.0, "decode": 0.0}  # the worker's busy time, by phase
         self.thread = threading.Thread(target=self._loop, name="borahub-scheduler", daemon=True)
         self.thread.start()
 
@@ -102,7 +103,7 @@ class Scheduler:
     def load(self) -> dict:
         return {"running": len(self.batch), "waiting": len(self.waiting), "max_rows": self.max_rows,
                 "max_queue": self.max_queue, "steps": self.steps, "peak_rows": self.peak_rows,
-                "cancelled": self.cancelled}
+                "cancelled": self.cancelled, "busy_s": {k: round(v, 3) for k, v in self.seconds.items()}}
 
     # -- worker side ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -123,7 +124,9 @@ class Scheduler:
                     self._admit(new)
                     self._reap()  # rows done at their first token leave before the step
                 if len(self.batch):
+                    t = time.perf_counter()
                     self.batch.step()
+                    self.seconds["decode"] += time.perf_counter() - t
                     self.steps += 1
             except Exception as e:  # a broken step fails the rows in it, never the server
                 log.exception("decode step failed")
@@ -148,12 +151,15 @@ class Scheduler:
         live = [j for j in jobs if not self._expired(j, now)]
         for mode in {j.mode for j in live}:  # one router call per mode; named adapters are overrides
             group = [j for j in live if j.mode == mode]
+            t = time.perf_counter()
             try:
                 routes = self.engine.route([j.text for j in group], mode=mode, task=[j.task for j in group])
             except Exception as e:
                 for j in group:
                     j.end("error", e)
                 continue
+            finally:
+                self.seconds["route"] += time.perf_counter() - t
             for j, r in zip(group, routes):
                 j.route = r
         rows = []
@@ -179,8 +185,10 @@ class Scheduler:
             rows.append(j.row)
             self.jobs[id(j.row)] = j
         if rows:
+            t = time.perf_counter()
             try:
                 self.batch.add(rows)
+                self.seconds["prefill"] += time.perf_counter() - t
                 self.peak_rows = max(self.peak_rows, len(self.batch))
             except Exception:
                 for r in rows:

@@ -1,6 +1,6 @@
 """`borahub serve`: an OpenAI-compatible endpoint that picks the adapter itself (FastAPI + uvicorn).
 
-    GET  /health                 liveness and load
+    GET  /health                 liveness, load, the worker's busy seconds by phase
     GET  /v1/models              every task, "auto" (route each request) and "_global" (Theta)
     POST /v1/chat/completions    model = a task, "auto" or "_global"; stream, stop, seed, max_tokens, ...
     POST /v1/completions         the same for a plain prompt

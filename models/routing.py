@@ -31,6 +31,17 @@ class GroupRouting:
     uniform: int | None  # the single slot every row uses with weight 1, if so (fast path)
     # module -> (flat, flat's version, the rows' gathered parameters), kept for the decode steps of a generation
     gathered: dict[str, tuple[Tensor, int, dict[str, Tensor]]] = field(default_factory=dict)
+    _mix: tuple[Tensor, Tensor] | None = None
+
+    def mix(self) -> tuple[Tensor, Tensor]:
+        """The distinct slots the rows use (U,), and each row's weight on each of them (N, U)."""
+        if self._mix is None:
+            w = self.weights if self.weights is not None else torch.ones(self.slots.shape, device=self.slots.device)
+            used, where = torch.unique(self.slots.masked_fill(w == 0, -1), return_inverse=True)
+            mix = torch.zeros(self.slots.shape[0], used.numel(), device=w.device).scatter_add_(1, where, w.float())
+            keep = used >= 0  # -1: choices with weight 0
+            self._mix = used[keep], mix[:, keep]
+        return self._mix
 
 
 class Routing:

@@ -112,6 +112,7 @@ class AdapterStack(nn.Module):
     """All adapter groups of a model. Routing is an argument of each forward (``using``), not state."""
 
     gather_cache_bytes = 1 << 30  # at most this much of gathered per-row parameters is kept per Routing
+    union_decode = True  # decode steps may apply the rows' distinct adapters as one wide LoRA (union_pays)
 
     def __init__(self, groups: list[Group]):
         super().__init__()
@@ -140,22 +141,56 @@ class AdapterStack(nn.Module):
 
     def gather(self, g: Group, module: str, r: GroupRouting, tokens_per_row: int) -> dict[str, Tensor]:
         """Each row's parameters of one module, (N, K, *shape). A generation's decode steps (one token per row,
-        no autograd) reuse those gathered at the first step under the same routing, while the parameters are
-        unchanged and the kept copies fit ``gather_cache_bytes``. A 64-row step with 8 or 64 adapters measured
-        1.35-1.37x the base model's when regathering, 1.12x reusing them (bench/decode_step.py)."""
-        keep = tokens_per_row == 1 and not torch.is_grad_enabled()
-        hit = r.gathered.get(module) if keep else None
+        no autograd) reuse those gathered at the first step under the same routing (``kept``). A 64-row step
+        with 8 or 64 adapters measured 1.35-1.37x the base model's when regathering, 1.12x reusing them
+        (bench/decode_step.py)."""
+        def rows() -> dict[str, Tensor]:
+            n, k = r.slots.shape
+            idx = r.slots.reshape(-1)
+            return {name: v.index_select(0, idx).view(n, k, *v.shape[1:]) for name, v in g.params(module).items()}
+
+        return self.kept(g, module, r, rows) if tokens_per_row == 1 and not torch.is_grad_enabled() else rows()
+
+    def kept(self, g: Group, module: str, r: GroupRouting, build) -> dict[str, Tensor]:
+        """What ``build()`` derives from the parameters for one module under routing ``r``, kept across the decode
+        steps of a generation while the parameters are unchanged and the kept copies fit ``gather_cache_bytes``."""
+        hit = r.gathered.get(module)
         if hit is not None and hit[0] is g.flat and hit[1] == g.flat._version:
             return hit[2]
-        n, k = r.slots.shape
-        idx = r.slots.reshape(-1)
-        rows = {name: v.index_select(0, idx).view(n, k, *v.shape[1:]) for name, v in g.params(module).items()}
-        size = sum(t.numel() * t.element_size() for t in rows.values())
+        value = build()
+        size = sum(t.numel() * t.element_size() for t in value.values())
         routing = routing_state.current(self)
-        if keep and routing is not None and routing.gathered_bytes + size <= self.gather_cache_bytes:
-            r.gathered[module] = (g.flat, g.flat._version, rows)
+        if routing is not None and routing.gathered_bytes + size <= self.gather_cache_bytes:
+            r.gathered[module] = (g.flat, g.flat._version, value)
             routing.gathered_bytes += size
-        return rows
+        return value
+
+
+def union_pays(r: GroupRouting) -> bool:
+    """Whether a decode step (one token per row, no autograd) applies the rows' distinct adapters as one wide LoRA
+    (``union``) rather than each row's gathered copy in batched matmuls. The union reads each of the U adapters
+    once but multiplies every row by all of them; a gather copies an adapter per row and choice (N K of them); a
+    small matmul costs about its bytes until roughly 16 rows share each weight, hence U (1 + N / 16) against N K.
+    One adapter for every row always pays (two plain matmuls on kept, pre-scaled factors). A prefill (many
+    tokens per row) keeps the per-row path: there the union's extra multiplications dominate (16 rows of ~70
+    tokens over 5 adapters: 1.9 against 1.4 s)."""
+    if r.uniform is not None:
+        return True
+    n, k = r.slots.shape
+    return r.mix()[0].numel() * (1 + n / 16) <= n * k
+
+
+def union(g: Group, module: str, r: GroupRouting) -> dict[str, Tensor]:
+    """The rows' distinct adapters of one module as one LoRA of rank U r: A (U r, in) with each
+    adapter's scale folded in, B (out, U r), and C (N, U r), each row's weight on the rank block of each adapter
+    it uses (0 elsewhere). The change for x (N, L, in) is then ((x A^T) * C) B^T: two matmuls whatever the mix."""
+    used, mix = r.mix()
+    params = g.params(module)
+    loras = [g.atype.to_lora({k: v[s] for k, v in params.items()}, g.frozen[module], g.spec) for s in used.tolist()]
+    rank = loras[0][0].shape[0]  # one group: one rank
+    A = torch.cat([A * (alpha / rank) for A, _, alpha in loras])
+    B = torch.cat([B for _, B, _ in loras], dim=1)
+    return {"union_A": A, "union_B": B, "union_C": mix.repeat_interleave(rank, dim=1).to(A.dtype)}
 
 
 class StackedLinear(nn.Module):
@@ -186,12 +221,25 @@ class StackedLinear(nn.Module):
 
         Without autograd, a group whose rows all use one adapter is merged into the weight instead when that
         is cheaper (``merge_pays``: long inputs such as a prompt's prefill): W + s B A costs one small matmul
-        and one weight-sized copy, and the layer then runs a single GEMM, the base model's own."""
+        and one weight-sized copy, and the layer then runs a single GEMM, the base model's own. A decode step
+        whose rows use one adapter or few (``union_pays``) applies their ``union``, kept across steps."""
         y, W = None, self.base.weight
         tokens = x.numel() // x.shape[-1]
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        step = x3.shape[1] == 1 and not torch.is_grad_enabled()  # a decode step: one token per row
         for g in self.groups:
             r = self._stack.routing_for(g, x.device)
             if r is None:
+                continue
+            # a bf16/fp16 base outside autocast (inference): the adapter runs on its float32 values (small bf16
+            # matmuls cost more than casting the input: measured 118 against 90 us a layer on a CPU with AMX)
+            cast = x.dtype != g.flat.dtype and not torch.is_autocast_enabled(x.device.type)
+            if step and self._stack.union_decode and union_pays(r):
+                u = self._stack.kept(g, self.name, r, lambda g=g, r=r: union(g, self.name, r))
+                h = F.linear(x3.to(g.flat.dtype) if cast else x3, u["union_A"])
+                d = F.linear(h if r.uniform is not None else h.mul_(u["union_C"][:, None]), u["union_B"])
+                d = d.view(*x.shape[:-1], -1).to(x.dtype)
+                y = d if y is None else y + d
                 continue
             frozen = g.frozen[self.name]
             one = None if r.uniform is None else {k: v[r.uniform] for k, v in g.params(self.name).items()}
@@ -200,15 +248,12 @@ class StackedLinear(nn.Module):
                 A, B, alpha = g.atype.to_lora(one, frozen, g.spec)
                 W = torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=alpha / A.shape[0])
                 continue
-            # a bf16/fp16 base outside autocast (inference): the adapter runs on its float32 values
-            cast = x.dtype != g.flat.dtype and not torch.is_autocast_enabled(x.device.type)
-            xg = x.to(g.flat.dtype) if cast else x
             if one is not None:
-                d = g.atype.delta_one(xg, one, frozen, g.spec)
+                d = g.atype.delta_one(x.to(g.flat.dtype) if cast else x, one, frozen, g.spec)
             else:
-                x3 = xg if xg.dim() == 3 else xg.unsqueeze(1)
                 rows = self._stack.gather(g, self.name, r, x3.shape[1])
-                d = g.atype.delta(x3, rows, r.weights, frozen, g.spec).view(*x.shape[:-1], -1)
+                d = g.atype.delta(x3.to(g.flat.dtype) if cast else x3, rows, r.weights, frozen, g.spec)
+                d = d.view(*x.shape[:-1], -1)
             d = d.to(x.dtype) if cast else d
             y = d if y is None else y + d
         if y is None:

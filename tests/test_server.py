@@ -159,7 +159,10 @@ def test_concurrent_requests_share_forwards_and_equal_their_sequential_results(c
         together = list(pool.map(lambda j: chat(client, j[0], j[1], max_tokens=10), jobs))
     assert [r.choices[0].message.content for r in together] == alone
     assert [r.model for r in together] == [m for m, _ in jobs]
-    assert httpx.get(url + "/health").json()["peak_rows"] > 1  # they shared forwards
+    health = httpx.get(url + "/health").json()
+    assert health["peak_rows"] > 1  # they shared forwards
+    busy = health["busy_s"]  # the worker's time by phase: a decode step costs more than routing named adapters
+    assert set(busy) == {"route", "prefill", "decode"} and busy["decode"] > busy["route"] >= 0 and busy["prefill"] > 0
 
 
 def test_bad_input_answers_4xx_with_an_error_body_and_the_server_keeps_answering(client, url):

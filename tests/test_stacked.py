@@ -146,15 +146,17 @@ def test_linear_with_bias_uniform_and_mixed_rows(type_, grad, length, monkeypatc
     (g,) = stack.groups
     g.flat = torch.randn(g.flat.shape) * 0.3
     lin = model[0]
-    merges = []
-    to_lora = g.atype.to_lora
-    monkeypatch.setattr(g.atype, "to_lora", lambda *a: merges.append(1) or to_lora(*a))
+    import models.stacked as stacked
+
+    merges = []  # merge_pays answers, asked only where a merge is possible (no autograd, not a decode step)
+    monkeypatch.setattr(stacked, "merge_pays", lambda *a: merges.append(merge_pays(*a)) or merges[-1])
     x = torch.randn(4, length, 12)
     assert merge_pays(4 * length, 12, 10) == (length == 5)
     with torch.set_grad_enabled(grad):
         plain = lin.base(x)
         with stack.using(torch.full((4,), 1)):
             uniform = lin(x)
+        merged = any(merges)
         with stack.using(torch.tensor([1, 0, 1, 0])):
             mixed = lin(x)
         p1 = {k: v[1] for k, v in g.params("0").items()}
@@ -163,7 +165,7 @@ def test_linear_with_bias_uniform_and_mixed_rows(type_, grad, length, monkeypatc
     torch.testing.assert_close(mixed[0::2], expect[0::2], atol=1e-5, rtol=1e-5)
     assert (mixed[1] - expect[1]).abs().max() > 1e-3  # row 1 uses task 0: a different change
     assert (uniform - plain).abs().max() > 1e-3
-    assert bool(merges) == (length == 5 and not grad)  # merged only without autograd, above the threshold
+    assert merged == (length == 5 and not grad)  # merged only without autograd, above the threshold
 
 
 def test_decode_steps_reuse_gathered_rows_until_params_or_routing_change():
@@ -242,3 +244,48 @@ def test_routing_is_an_argument_of_the_forward_not_shared_state():
         assert (routed - model[0].base(x)).abs().max() > 1e-3
         torch.testing.assert_close(seen["y"], model[0].base(x))
         torch.testing.assert_close(model(x), model[0].base(x))
+
+
+@pytest.mark.parametrize("type_", ["lora", "moslora", "svfit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_over_few_adapters_applies_their_union_as_the_per_row_path_does(type_, dtype):
+    """Rows that share few adapters (blends included) decode through one wide LoRA of the adapters they use
+    (``union``); it changes each row's output as the per-row gathered path does, on a float32 or a bf16 base,
+    and is kept across steps. Many distinct adapters per row keep the per-row path (``union_pays``)."""
+    from models.registry import ADAPTERS
+    from models.stacked import build_stack, union_pays
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10, bias=True)).to(dtype)
+    model.requires_grad_(False)
+    spec = AdapterSpec(type=type_, rank=3, alpha=6, target_modules=["0"])
+    stack = build_stack(model, [("g", spec, ADAPTERS[type_], [0, 1, 2, 3])], 4)
+    (g,) = stack.groups
+    g.flat = torch.randn(g.flat.shape) * 0.3
+    lin, x = model[0], torch.randn(6, 1, 12).to(dtype)
+    ids = torch.tensor([[0, 1], [1, GLOBAL], [0, 1], [2, 0], [1, 0], [0, 2]])
+    w = torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.5, 0.5], [0.2, 0.8], [1.0, 0.0], [0.6, 0.4]])
+    outs = {}
+    with torch.no_grad():
+        for union_on in (True, False):
+            stack.union_decode = union_on
+            routing = Routing(ids, w)
+            with stack.using(routing):
+                outs[union_on] = lin(x)
+                kept = routing.groups[g.key].gathered["0"][2]
+                assert ("union_C" in kept) == union_on
+                torch.testing.assert_close(lin(x), outs[union_on])  # the next step reuses what was kept
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[True], outs[False], atol=tol, rtol=tol)
+    assert (outs[True] - lin.base(x)).abs().max() > 1e-2  # the adapters act
+    stack.union_decode = True
+    with stack.using(Routing(torch.tensor([[0, 1, 2]] * 8))):  # 8 rows, K = 3, U = 3: 3 (1 + 8/16) <= 24
+        assert union_pays(stack.routing_for(g, x.device))
+    with stack.using(Routing(torch.arange(4).repeat(2))):  # 8 rows over 4 adapters, K = 1: 4 x 1.5 <= 8
+        assert union_pays(stack.routing_for(g, x.device))
+    with stack.using(Routing(torch.tensor([0, 1, 2]))):  # 3 rows, 3 adapters: 3 (1 + 3/16) > 3
+        assert not union_pays(stack.routing_for(g, x.device))
+    with stack.using(Routing(torch.tensor([2]))):  # one adapter: always (pre-scaled factors, kept)
+        assert union_pays(stack.routing_for(g, x.device))
+        prefill = lin(torch.randn(1, 4, 12).to(dtype))  # four tokens: not a decode step, nothing kept
+        assert not stack.routing_for(g, x.device).gathered and prefill.shape == (1, 4, 10)
