@@ -1,14 +1,14 @@
 """Continuous mixed-adapter decoding: rows join and leave a running batch at step boundaries.
 
-A ``DecodeBatch`` holds the rows being generated, their KV cache (left-padded to one length) and their
-attention mask. ``add`` prefills new rows as one left-padded batch under their own routing and joins their
-cache to the running one (the shorter side padded on the left, masked); ``step`` runs one forward for every
-row (one token each, each row with its own adapter or blend: a ``Routing`` passed with the forward, reused
-while the rows are unchanged so the per-row parameters are gathered once); finished rows leave with
+A ``DecodeBatch`` holds the rows being generated, their KV cache (left-padded to one length, appended in place:
+hub/kv_cache.py) and their attention mask. ``add`` prefills new rows as one left-padded batch under their own
+routing and joins their cache to the running one (the shorter side padded on the left, masked); ``step`` runs one
+forward for every row (one token each, each row with its own adapter or blend: a ``Routing`` passed with the
+forward, reused while the rows are unchanged so the per-row parameters are gathered once); finished rows leave with
 ``drop``, and columns no remaining row attends to are cut. Greedy or sampled per row (temperature, top-p, a
-generator per row, so a seeded row samples the same tokens alone or in any batch), stop strings, EOS and
-token limits per row. The engine (a list of prompts) and the server (requests arriving over time) both
-decode with it, so they generate the same text for the same prompt and adapter.
+generator per row, so a seeded row samples the same tokens alone or in any batch), stop strings, EOS and token
+limits per row. The engine (a list of prompts) and the server (requests arriving over time) both decode with it, so
+they generate the same text for the same prompt and adapter.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from torch import Tensor
 
 from models.multitask import MultiTaskModel
 from models.routing import GLOBAL, Routing
+
+from .kv_cache import roomy
 
 
 @dataclass
@@ -106,7 +108,7 @@ class DecodeBatch:
             self.cache, self.mask = _join(self.cache, self.mask, out.cache, mask)
             self.last = torch.cat([self.last, first])
         else:
-            self.cache, self.mask, self.last = out.cache, mask, first
+            self.cache, self.mask, self.last = roomy(out.cache), mask, first
         self.rows += rows
         self._routing = None
         for r, t in zip(rows, first.tolist()):
