@@ -200,12 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_job(args) -> bool:
+    """Whether the command is one job that ends (train, eval, generate, ...), not a long-lived service. A service
+    keeps the system allocator: retaining freed memory would hold its peak heap for its whole life, and `serve`
+    measured no faster with it (4 clients: 20.6-21.1 tokens/s against 23.2-23.7 with the system's; 16: the same)."""
+    return not getattr(args, "long_lived", False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from models.allocator import retain_freed_memory
     from models.device import ENV
 
-    retain_freed_memory()  # a CLI run is one job: reuse freed tensors' memory instead of page-faulting it anew
+    if one_job(args):  # reuse freed tensors' memory instead of page-faulting it anew (models/allocator.py)
+        retain_freed_memory()
 
     saved = {var: os.environ.get(var) for var in ENV.values()}
     for name, var in ENV.items():  # the overrides travel as the environment does, for this command only

@@ -26,4 +26,4 @@ def add_commands(sub) -> None:
     p.add_argument("--timeout", type=seconds, default=600.0, help="seconds a request may take, queue included")
     p.add_argument("--max-tokens", type=_new_tokens, default=128, help="new tokens when a request names none")
     p.add_argument("--backend", help="generate on this OpenAI-compatible server (URL); route here")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, long_lived=True)  # keeps the system allocator (hub/cli.py one_job)

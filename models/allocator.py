@@ -6,8 +6,9 @@ tensors (a 64 x 32-token batch of SmolLM2-135M: ~400 MB of logits alone), so eac
 anew: about 450k minor page faults, ~0.5 s of a 3.7 s forward on this project's 2-core machine, varying run to
 run. With mmap off and trimming off, freed blocks are reused and a repeated forward faults no page at all
 (measured: 3.21 s median, 3.20-3.23 s over 6 forwards, vs 3.74 s, 3.69-3.88 s). The price: the process keeps
-its peak heap until it exits, which suits a CLI run or a benchmark, not necessarily a long-lived service, so
-library code never calls this; the CLI and the benchmarks do (``BORAHUB_SYSTEM_MALLOC=1`` opts out).
+its peak heap until it exits, which suits a CLI run or a benchmark, not a long-lived service, so library code
+never calls this; the CLI's one-job commands and the benchmarks do (``BORAHUB_SYSTEM_MALLOC=1`` opts out), `serve`
+does not (measured no faster with it: hub/cli.py ``one_job``).
 """
 from __future__ import annotations
 

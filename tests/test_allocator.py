@@ -53,3 +53,11 @@ def test_cli_retains_freed_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(allocator, "applied", False)
     assert main(["--config", str(tmp_path / "missing.yaml"), "tasks", "validate"]) == 2
     assert allocator.applied
+
+
+def test_serve_is_a_long_lived_service_and_keeps_the_system_allocator():
+    from hub.cli import build_parser, one_job
+
+    parser = build_parser()
+    assert not one_job(parser.parse_args(["serve"]))
+    assert all(one_job(parser.parse_args(argv)) for argv in (["train"], ["eval"], ["tasks", "validate"]))
