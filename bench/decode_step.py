@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from mixed_batch import random_adapters  # noqa: E402  (bench/ is this script's own folder on sys.path)
 from models.allocator import retain_freed_memory  # noqa: E402
 from models.base import load_base  # noqa: E402
+from models.device import DTYPES  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     torch.set_num_threads(args.threads)
     malloc = "retained" if retain_freed_memory() else "system default"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    dtype = DTYPES[args.precision]
     mtm = random_adapters(max(counts), rank=8, seed=0, dtype=dtype)
     base, _ = load_base("smollm2-135m", dtype=dtype)
     ids = torch.randint(100, base.config.vocab_size, (args.rows, 1), generator=torch.Generator().manual_seed(1))

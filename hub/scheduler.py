@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .decode import DecodeBatch, Row, Sampling
@@ -106,6 +107,15 @@ class Scheduler:
                 "cancelled": self.cancelled, "busy_s": {k: round(v, 3) for k, v in self.seconds.items()}}
 
     # -- worker side ---------------------------------------------------------------------------
+    @contextmanager
+    def _busy(self, phase: str):
+        """Count the time of the block (finished or failed) as the worker's busy time in ``phase``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
     def _loop(self) -> None:
         while True:
             with self.cond:
@@ -124,9 +134,8 @@ class Scheduler:
                     self._admit(new)
                     self._reap()  # rows done at their first token leave before the step
                 if len(self.batch):
-                    t = time.perf_counter()
-                    self.batch.step()
-                    self.seconds["decode"] += time.perf_counter() - t
+                    with self._busy("decode"):
+                        self.batch.step()
                     self.steps += 1
             except Exception as e:  # a broken step fails the rows in it, never the server
                 log.exception("decode step failed")
@@ -151,15 +160,13 @@ class Scheduler:
         live = [j for j in jobs if not self._expired(j, now)]
         for mode in {j.mode for j in live}:  # one router call per mode; named adapters are overrides
             group = [j for j in live if j.mode == mode]
-            t = time.perf_counter()
             try:
-                routes = self.engine.route([j.text for j in group], mode=mode, task=[j.task for j in group])
+                with self._busy("route"):
+                    routes = self.engine.route([j.text for j in group], mode=mode, task=[j.task for j in group])
             except Exception as e:
                 for j in group:
                     j.end("error", e)
                 continue
-            finally:
-                self.seconds["route"] += time.perf_counter() - t
             for j, r in zip(group, routes):
                 j.route = r
         rows = []
@@ -185,10 +192,9 @@ class Scheduler:
             rows.append(j.row)
             self.jobs[id(j.row)] = j
         if rows:
-            t = time.perf_counter()
             try:
-                self.batch.add(rows)
-                self.seconds["prefill"] += time.perf_counter() - t
+                with self._busy("prefill"):
+                    self.batch.add(rows)
                 self.peak_rows = max(self.peak_rows, len(self.batch))
             except Exception:
                 for r in rows:

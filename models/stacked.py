@@ -238,22 +238,21 @@ class StackedLinear(nn.Module):
                 u = self._stack.kept(g, self.name, r, lambda g=g, r=r: union(g, self.name, r))
                 h = F.linear(x3.to(g.flat.dtype) if cast else x3, u["union_A"])
                 d = F.linear(h if r.uniform is not None else h.mul_(u["union_C"][:, None]), u["union_B"])
-                d = d.view(*x.shape[:-1], -1).to(x.dtype)
-                y = d if y is None else y + d
-                continue
-            frozen = g.frozen[self.name]
-            one = None if r.uniform is None else {k: v[r.uniform] for k, v in g.params(self.name).items()}
-            if one is not None and not torch.is_grad_enabled() and merge_pays(tokens, self.in_features,
-                                                                              self.out_features):
-                A, B, alpha = g.atype.to_lora(one, frozen, g.spec)
-                W = torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=alpha / A.shape[0])
-                continue
-            if one is not None:
-                d = g.atype.delta_one(x.to(g.flat.dtype) if cast else x, one, frozen, g.spec)
-            else:
-                rows = self._stack.gather(g, self.name, r, x3.shape[1])
-                d = g.atype.delta(x3.to(g.flat.dtype) if cast else x3, rows, r.weights, frozen, g.spec)
                 d = d.view(*x.shape[:-1], -1)
+            else:
+                frozen = g.frozen[self.name]
+                one = None if r.uniform is None else {k: v[r.uniform] for k, v in g.params(self.name).items()}
+                if one is not None and not torch.is_grad_enabled() and merge_pays(tokens, self.in_features,
+                                                                                  self.out_features):
+                    A, B, alpha = g.atype.to_lora(one, frozen, g.spec)
+                    W = torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=alpha / A.shape[0])
+                    continue
+                if one is not None:
+                    d = g.atype.delta_one(x.to(g.flat.dtype) if cast else x, one, frozen, g.spec)
+                else:
+                    rows = self._stack.gather(g, self.name, r, x3.shape[1])
+                    d = g.atype.delta(x3.to(g.flat.dtype) if cast else x3, rows, r.weights, frozen, g.spec)
+                    d = d.view(*x.shape[:-1], -1)
             d = d.to(x.dtype) if cast else d
             y = d if y is None else y + d
         if y is None:
