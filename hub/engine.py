@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from models import kernels
 from models.multitask import MultiTaskModel
 
 from .decode import DecodeBatch, PrefixCache, Row, Sampling
@@ -68,6 +69,7 @@ class Engine:
         self.tok = mtm.tokenizer
         self.prompter = Prompter(self.tok, templates)  # task -> prompt template (train/serve parity)
         self.prefixes = PrefixCache(mtm, self.prompter.chat_prefix())  # the chat system turn's KV, per adapter
+        kernels.tune(mtm.lm)  # float32 on the CPU: MKL or oneDNN per weight shape, timed once (models/kernels.py)
         self.max_input_tokens, self.batch_size = max_input_tokens, batch_size
         self._router_error = router_error
 

@@ -1,6 +1,6 @@
 """The serving loop: requests arrive over time and share forwards (continuous batching across adapters).
 
-One worker thread owns the model. Between decode steps it admits waiting jobs (up to ``max_rows`` rows in
+One thread owns the model (the worker). Between decode steps it admits waiting jobs (up to ``max_rows`` rows in
 the batch): routes the ones that asked for automatic routing in one router call, encodes them (hub/prompting.py)
 and prefills them into the running batch (hub/decode.py); then it runs one step for every row, each with its
 own adapter or blend, and lets finished, cancelled or timed-out rows go. Jobs talk back through a callback
@@ -8,6 +8,13 @@ own adapter or blend, and lets finished, cancelled or timed-out rows go. Jobs ta
 (streaming jobs only: every event wakes the client side, which costs the loop time), then
 ("done", (finish_reason, prompt_tokens, completion_tokens, text)) or ("error", exception); nothing else
 follows done or error. A failing job never stops the loop.
+
+Which thread is the worker matters on the CPU: GNU OpenMP (PyTorch's intra-op threads) stops spinning between
+parallel regions once it manages more threads than there are CPUs, which a second thread driving its own team
+(the model loaded on the main thread, steps on another) brings about. Each of a step's ~1,500 ops then waits for
+its sleeping helper: a 16-row step measured 171-207 ms on a worker thread against 110-140 ms on the thread that
+loaded the model (2 cores). `borahub serve` therefore runs the loop on the main thread (``run``) and the HTTP server
+beside it (hub/server.py ``serve``); ``start=True`` gives the loop its own thread (tests, embedding in an app).
 """
 from __future__ import annotations
 
@@ -72,7 +79,8 @@ class Scheduler:
     """max_rows: rows decoded together; max_queue: jobs waiting beyond that are refused (QueueFull);
     gather_s: how long an idle scheduler waits after a job arrives for others to prefill with it."""
 
-    def __init__(self, engine: Engine, max_rows: int = 16, max_queue: int = 64, gather_s: float = 0.02):
+    def __init__(self, engine: Engine, max_rows: int = 16, max_queue: int = 64, gather_s: float = 0.02,
+                 start: bool = True):
         self.engine, self.max_rows, self.max_queue, self.gather_s = engine, max_rows, max_queue, gather_s
         self.batch = DecodeBatch(engine.mtm, engine.prefixes)
         self.jobs: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch
@@ -81,8 +89,11 @@ class Scheduler:
         self.running = True
         self.steps = self.peak_rows = self.cancelled = 0
         self.seconds = {"route": 0.0, "prefill": 0.0, "decode": 0.0}  # the worker's busy time, by phase
-        self.thread = threading.Thread(target=self._loop, name="borahub-scheduler", daemon=True)
-        self.thread.start()
+        self.worker: str | None = None  # the name of the thread running the loop
+        self.thread = None
+        if start:
+            self.thread = threading.Thread(target=self.run, name="borahub-scheduler", daemon=True)
+            self.thread.start()
 
     # -- client side ---------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -94,16 +105,21 @@ class Scheduler:
             self.cond.notify()
         return job
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask the loop to end (it fails the jobs still waiting or running, then returns)."""
         with self.cond:
             self.running = False
             self.cond.notify()
-        self.thread.join(timeout=30)
+
+    def close(self) -> None:
+        self.stop()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
 
     @property
     def load(self) -> dict:
         return {"running": len(self.batch), "waiting": len(self.waiting), "max_rows": self.max_rows,
-                "max_queue": self.max_queue, "steps": self.steps, "peak_rows": self.peak_rows,
+                "max_queue": self.max_queue, "steps": self.steps, "worker": self.worker, "peak_rows": self.peak_rows,
                 "cancelled": self.cancelled, "busy_s": {k: round(v, 3) for k, v in self.seconds.items()}}
 
     # -- worker side ---------------------------------------------------------------------------
@@ -116,11 +132,16 @@ class Scheduler:
         finally:
             self.seconds[phase] += time.perf_counter() - start
 
-    def _loop(self) -> None:
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """The loop, on the calling thread, until ``stop`` (or ``until()`` turns true, checked while idle)."""
+        self.worker = threading.current_thread().name
         while True:
             with self.cond:
                 while self.running and not self.waiting and not len(self.batch):
-                    self.cond.wait(timeout=1.0)
+                    if until is not None and until():
+                        self.running = False
+                        break
+                    self.cond.wait(timeout=0.5)
                 if not self.running:
                     break
                 if not len(self.batch):  # idle: requests sent together (a burst) are prefilled together

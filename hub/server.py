@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -29,7 +31,7 @@ from .engine import Engine
 from .errors import USER_ERRORS
 from .openai_schema import (ChatRequest, CompletionRequest, RouteRequest, chunk_body, completion_body, error_body,
                             new_id, route_header, usage)
-from .route import GLOBAL_NAME
+from .route import GLOBAL_NAME, RouterError
 from .scheduler import Job, JobTimeout, QueueFull, Scheduler
 
 log = logging.getLogger("borahub")
@@ -57,13 +59,15 @@ def _error_for(e: Exception) -> ApiError:
 
 
 def create_app(engine: Engine, *, max_rows: int = 16, max_queue: int = 64, timeout: float = 600.0,
-               max_tokens: int = 128, mode: str = "fallback", backend: str | None = None) -> FastAPI:
-    """The app; its scheduler thread starts and stops with the app's lifespan."""
+               max_tokens: int = 128, mode: str = "fallback", backend: str | None = None,
+               scheduler: Scheduler | None = None) -> FastAPI:
+    """The app. Without ``scheduler`` its own scheduler thread starts and stops with the app's lifespan; with
+    one (whose loop the caller runs: ``serve``) the app submits to it and leaves it running."""
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(_app):
-        state["scheduler"] = Scheduler(engine, max_rows=max_rows, max_queue=max_queue)
+        state["scheduler"] = scheduler or Scheduler(engine, max_rows=max_rows, max_queue=max_queue)
         if backend is not None:
             from .proxy import Backend
 
@@ -73,7 +77,8 @@ def create_app(engine: Engine, *, max_rows: int = 16, max_queue: int = 64, timeo
         finally:
             if "backend" in state:
                 await state["backend"].close()
-            await asyncio.to_thread(state["scheduler"].close)
+            if scheduler is None:
+                await asyncio.to_thread(state["scheduler"].close)
 
     app = FastAPI(title="BoRA Hub", lifespan=lifespan)
 
@@ -231,11 +236,31 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def serve(config: str = "tasks.yaml", host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
-    """Open the trained hub of a registry and serve it until interrupted."""
+def serve(config: str = "tasks.yaml", host: str = "127.0.0.1", port: int = 8000, max_rows: int = 16,
+          max_queue: int = 64, **kw) -> None:
+    """Open the trained hub of a registry and serve it until interrupted (SIGINT or SIGTERM): the scheduler's
+    loop on this thread, the one that loaded the model (hub/scheduler.py says why), the HTTP server beside it."""
     import uvicorn
 
     engine = Engine.from_workspace(config)
-    log.info("serving %d task(s) (%s) and %s on http://%s:%d/v1", len(engine.mtm.task_names),
-             ", ".join(engine.mtm.task_names), GLOBAL_NAME, host, port)
-    uvicorn.run(create_app(engine, **kw), host=host, port=port, log_level="warning")
+    scheduler = Scheduler(engine, max_rows=max_rows, max_queue=max_queue, start=False)
+    app = create_app(engine, max_rows=max_rows, max_queue=max_queue, scheduler=scheduler, **kw)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="borahub-http", daemon=True)  # no signal handlers off main
+
+    def stop(*_):
+        server.should_exit = True  # uvicorn finishes the requests in flight; the loop serves them meanwhile
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        log.info("serving %d task(s) (%s) and %s on http://%s:%d/v1", len(engine.mtm.task_names),
+                 ", ".join(engine.mtm.task_names), GLOBAL_NAME, host, port)
+        scheduler.run(until=lambda: not http.is_alive())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.should_exit = True
+        http.join(timeout=30)
+    if not server.started:
+        raise RouterError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tasks.registry import ConfigError
 from tasks.schema import AdapterSpec
 
+from . import kernels
 from . import routing as routing_state
 from .adapter import AdapterType
 from .routing import GLOBAL, GroupRouting, Routing  # noqa: F401 (GLOBAL re-exported)
@@ -256,7 +257,7 @@ class StackedLinear(nn.Module):
             d = d.to(x.dtype) if cast else d
             y = d if y is None else y + d
         if y is None:
-            return F.linear(x, W, self.base.bias)
+            return kernels.linear(x, W, self.base.bias)
         return self._base_into(y, x, W)
 
     def _base_into(self, y: Tensor, x: Tensor, W: Tensor) -> Tensor:
@@ -267,7 +268,11 @@ class StackedLinear(nn.Module):
         if torch.is_grad_enabled():
             y = torch.addmm(y.reshape(-1, y.shape[-1]), x2, W.t()).view_as(y)
             return y if b is None else y + b
-        y.view(-1, y.shape[-1]).addmm_(x2, W.t())
+        fused = kernels.linear_add(y.view(-1, y.shape[-1]), x2, W)  # where oneDNN is this shape's faster kernel
+        if fused is not None:
+            y = fused.view_as(y)
+        else:
+            y.view(-1, y.shape[-1]).addmm_(x2, W.t())
         return y if b is None else y.add_(b)
 
 
