@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 _ONEDNN: dict[tuple[int, int], bool] = {}  # (out, in) -> oneDNN is faster for this weight shape here
 TUNE_ROWS = (1, 4, 16)  # the rows of a decode step: one token for each of 1 to 16 running requests
 MARGIN = 0.9  # oneDNN must take at most this share of MKL's time (a clear win, not noise)
+MAX_ROWS = 64  # inputs of more rows (a prompt's prefill) keep MKL: there oneDNN built a new primitive for every new
+# prompt length, and a 16-prompt prefill measured 1.7-2.0 s against 1.45-1.9 s
 
 
 def _onednn_op():
@@ -40,7 +42,8 @@ def _onednn_op():
 
 def _eligible(x: Tensor, W: Tensor) -> bool:
     return (W.dtype == torch.float32 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and _ONEDNN.get(tuple(W.shape), False))
+            and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and _ONEDNN.get(tuple(W.shape), False))
 
 
 def linear(x: Tensor, W: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -78,21 +81,24 @@ def _seconds(fn) -> float:
 
 
 @torch.no_grad()
-def tune(model: nn.Module, rows: tuple[int, ...] = TUNE_ROWS, reps: int = 5) -> dict[tuple[int, int], bool]:
+def tune(model: nn.Module, rows: tuple[int, ...] = TUNE_ROWS, reps: int = 3) -> dict[tuple[int, int], bool]:
     """Time both kernels on every distinct float32 CPU Linear weight shape of ``model`` (its output layer too) at
-    each number of ``rows``, interleaved, best of ``reps``; oneDNN is chosen for a shape when its summed time is at
-    most MARGIN of MKL's. Lets the output layer use the choice (``KernelLinear``). Returns the table (also kept
-    process-wide). Shapes timed once per process."""
+    each number of ``rows``: one pass over all of the model's weights of that shape (up to 32), as a decode step
+    reads them, from memory rather than cache; interleaved, best of ``reps``. oneDNN is chosen for a shape when its
+    summed time is at most MARGIN of MKL's. Lets the output layer use the choice (``KernelLinear``). Returns the
+    table (also kept process-wide); each shape is timed once per process."""
     op, forced = _onednn_op(), os.environ.get("BORAHUB_ONEDNN", "")
     if op is None or forced == "0":
         return dict(_ONEDNN)
-    shapes = {}
+    shapes: dict[tuple[int, int], list[Tensor]] = {}
     for m in model.modules():
         W = getattr(m, "weight", None)
         if isinstance(m, nn.Linear) and isinstance(W, Tensor) and W.dtype == torch.float32 \
                 and W.device.type == "cpu" and W.dim() == 2:
-            shapes.setdefault(tuple(W.shape), W)
-    for shape, W in shapes.items():
+            same = shapes.setdefault(tuple(W.shape), [])
+            if len(same) < 32 and not any(w is W for w in same):
+                same.append(W)
+    for shape, weights in shapes.items():
         if forced == "1":
             _ONEDNN[shape] = True
         if shape in _ONEDNN:
@@ -101,7 +107,8 @@ def tune(model: nn.Module, rows: tuple[int, ...] = TUNE_ROWS, reps: int = 5) -> 
         try:
             for n in rows:
                 x = torch.randn(n, shape[1])
-                pair = (lambda: F.linear(x, W), lambda: op(x, W, None, "none", [], ""))
+                pair = (lambda: [F.linear(x, W) for W in weights],
+                        lambda: [op(x, W, None, "none", [], "") for W in weights])
                 for f in pair:
                     f()  # warm: oneDNN builds its primitive for the shape on first use
                 times = [[_seconds(f) for f in pair] for _ in range(reps)]  # interleaved
