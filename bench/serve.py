@@ -152,6 +152,7 @@ def main() -> None:
 
                 health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
                 result["worker_busy_s"], result["steps"] = health.get("busy_s"), health.get("steps")
+                result["prefills"] = health.get("prefills")
             return result
         finally:
             proc.terminate()

@@ -87,7 +87,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.running = True
-        self.steps = self.peak_rows = self.cancelled = 0
+        self.steps = self.peak_rows = self.cancelled = self.prefills = 0
         self.seconds = {"route": 0.0, "prefill": 0.0, "decode": 0.0}  # the worker's busy time, by phase
         self.worker: str | None = None  # the name of the thread running the loop
         self.thread = None
@@ -119,8 +119,9 @@ class Scheduler:
     @property
     def load(self) -> dict:
         return {"running": len(self.batch), "waiting": len(self.waiting), "max_rows": self.max_rows,
-                "max_queue": self.max_queue, "steps": self.steps, "worker": self.worker, "peak_rows": self.peak_rows,
-                "cancelled": self.cancelled, "busy_s": {k: round(v, 3) for k, v in self.seconds.items()}}
+                "max_queue": self.max_queue, "steps": self.steps, "prefills": self.prefills, "worker": self.worker,
+                "peak_rows": self.peak_rows, "cancelled": self.cancelled,
+                "busy_s": {k: round(v, 3) for k, v in self.seconds.items()}}
 
     # -- worker side ---------------------------------------------------------------------------
     @contextmanager
@@ -216,6 +217,7 @@ class Scheduler:
             try:
                 with self._busy("prefill"):
                     self.batch.add(rows)
+                self.prefills += 1
                 self.peak_rows = max(self.peak_rows, len(self.batch))
             except Exception:
                 for r in rows:

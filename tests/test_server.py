@@ -153,14 +153,16 @@ def test_concurrent_requests_share_forwards_and_equal_their_sequential_results(c
     models = ["cooking", "finance", "sport", "_global"]
     jobs = [(models[i % 4], list(PROMPTS.values())[i % 3] + " " + "and " * (i % 5)) for i in range(16)]
     alone = [chat(client, m, p, max_tokens=10).choices[0].message.content for m, p in jobs]
-    before = httpx.get(url + "/health").json()["peak_rows"]
-    assert before <= 1  # requests one at a time so far
+    before = httpx.get(url + "/health").json()
+    assert before["peak_rows"] <= 1  # requests one at a time so far
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda j: chat(client, j[0], j[1], max_tokens=10), jobs))
     assert [r.choices[0].message.content for r in together] == alone
     assert [r.model for r in together] == [m for m, _ in jobs]
     health = httpx.get(url + "/health").json()
     assert health["peak_rows"] > 1  # they shared forwards
+    assert health["prefills"] - before["prefills"] < len(jobs)  # new rows were prefilled together, not one by one
+    assert health["worker"] == "borahub-scheduler"  # create_app without a scheduler runs its own loop thread
     busy = health["busy_s"]  # the worker's time by phase: a decode step costs more than routing named adapters
     assert set(busy) == {"route", "prefill", "decode"} and busy["decode"] > busy["route"] >= 0 and busy["prefill"] > 0
 
