@@ -10,9 +10,12 @@ topics), as a user would send them. Each server runs alone, as a subprocess with
 Prints JSON; writes docs/results/serve.{json,md}.
 
 Both servers run in ``--precision`` (fp32, or bf16: our ``--precision bf16``, the peer's ``--dtype bfloat16``).
+``--repeats N`` measures every level N times (the whole sweep again, who goes first alternating) and reports each
+level's medians, every run kept under ``runs``: on a shared 2-core machine one level's throughput moved by up to
+35% between runs minutes apart, for both servers.
 
     python bench/serve.py [--config tasks.yaml] [--clients 1,4,16] [--tokens 32] [--rounds 2] [--precision fp32]
-                          [--no-peer]
+                          [--repeats 1] [--no-peer]
 """
 from __future__ import annotations
 
@@ -113,6 +116,15 @@ def load(url: str, model: str, texts: list[str], clients: int, rounds: int, toke
             "served_by": dict(collections.Counter(r[3] for r in results if r[3]))}
 
 
+def median_level(results: list[dict]) -> dict:
+    """One level's result: the run itself, or with several runs the medians of its figures and every run."""
+    if len(results) == 1:
+        return results[0]
+    med = {k: round(statistics.median(r[k] for r in results), 2) for k in ("tokens_per_s", "p50_s", "p95_s")}
+    return {**results[0], **med, "error_count": sum(r["error_count"] for r in results),
+            "served_by": results[0]["served_by"], "runs": results}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "tasks.yaml"))
@@ -121,6 +133,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=1, help="measure every level this many times; report medians")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "serve"))
     args = ap.parse_args()
@@ -160,10 +173,14 @@ def main() -> None:
 
     # level by level, the two servers one after the other (alternating who goes first), so that the machine's
     # drift over the run (measured: up to 35% between runs minutes apart) falls on both sides of each ratio
-    for i, clients in enumerate(levels):
-        for name in (list(servers) if i % 2 == 0 else list(servers)[::-1]):
-            servers[name].append(measure(name, clients))
-            print(json.dumps({name: servers[name][-1]}), flush=True)
+    runs: dict[str, list[list[dict]]] = {name: [[] for _ in levels] for name in servers}
+    for rep in range(max(1, args.repeats)):
+        for i, clients in enumerate(levels):
+            for name in (list(servers) if (i + rep) % 2 == 0 else list(servers)[::-1]):
+                runs[name][i].append(measure(name, clients))
+                print(json.dumps({name: runs[name][i][-1]}), flush=True)
+    for name in servers:
+        servers[name] = [median_level(level) for level in runs[name]]
 
     ours = servers[ours_name]
     summary = {"ours_16_over_1": round(ours[-1]["tokens_per_s"] / ours[0]["tokens_per_s"], 2)}
@@ -174,7 +191,7 @@ def main() -> None:
     command = "python bench/serve.py " + " ".join(sys.argv[1:])
     result = {"command": command.strip(), "date": dt.date.today().isoformat(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "cpu": cpu_name(), "precision": args.precision, "threads": args.threads,
-              "tokens": args.tokens, "rounds": args.rounds,
+              "tokens": args.tokens, "rounds": args.rounds, "repeats": max(1, args.repeats),
               "servers": servers, "summary": summary}
     print(json.dumps(result, indent=2))
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -182,13 +199,16 @@ def main() -> None:
              f"Command: `{result['command']}`  ",
              f"Machine: {result['machine']}, {result['cpu']}, {result['cpus']} CPU cores, {args.threads} torch threads "
              f"per server, both servers in {args.precision}; {result['date']}. Greedy, {args.tokens} new tokens, "
-             f"{args.rounds} requests per client in a row; prompts: openings of unseen BBC test articles.", "",
+             f"{args.rounds} requests per client in a row; prompts: openings of unseen BBC test articles."
+             + (f" Each level measured {result['repeats']} times: medians, each run's tok/s in brackets."
+                if result["repeats"] > 1 else ""), "",
              "| server | clients | completion tok/s | p50 s | p95 s | errors | served by |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for name, rows in servers.items():
         for r in rows:
             by = ", ".join(f"{k} {v}" for k, v in sorted(r["served_by"].items())) if "borahub" in name else "base"
-            lines.append(f"| {name} | {r['clients']} | {r['tokens_per_s']} | {r['p50_s']} | {r['p95_s']} | "
+            each = f" [{', '.join(str(x['tokens_per_s']) for x in r['runs'])}]" if "runs" in r else ""
+            lines.append(f"| {name} | {r['clients']} | {r['tokens_per_s']}{each} | {r['p50_s']} | {r['p95_s']} | "
                          f"{r['error_count']} | {by} |")
     lines += ["", f"Summary: {json.dumps(summary)}"]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
