@@ -249,6 +249,7 @@ def serve(config: str = "tasks.yaml", host: str = "127.0.0.1", port: int = 8000,
     http = threading.Thread(target=server.run, name="borahub-http", daemon=True)  # no signal handlers off main
 
     def stop(*_):
+        server.force_exit = server.should_exit  # a second signal: stop without waiting for the requests in flight
         server.should_exit = True  # uvicorn finishes the requests in flight; the loop serves them meanwhile
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
