@@ -15,6 +15,7 @@ without timing (reproducible runs; tests).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,7 +33,9 @@ MAX_ROWS = 64  # inputs of more rows (a prompt's prefill) keep MKL: there oneDNN
 # prompt length, and a 16-prompt prefill measured 1.7-2.0 s against 1.45-1.9 s
 
 
+@functools.cache
 def _onednn_op():
+    """oneDNN's linear op, or None where this torch build lacks it (looked up once: ``linear`` is on the hot path)."""
     ops = getattr(torch.ops, "mkldnn", None)
     try:
         return ops._linear_pointwise if ops is not None and torch.backends.mkldnn.is_available() else None
