@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ TOPICS = {
     "finance": "the bank raised rates stocks fell bonds rallied investors sold shares in the market",
     "sport": "the team scored a goal in the final match the coach praised the striker and keeper",
 }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_tokenizer():

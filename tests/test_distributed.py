@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_registry
+from conftest import free_port, write_tiny_registry
 from test_train import native
 
 from hub import store
@@ -24,9 +23,7 @@ TRAINING = {"steps": 8, "batch_size": 6, "grad_accum": 2, "max_length": 16, "lr"
 
 def launch(script: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`accelerate launch` with 2 processes on the CPU (the launcher's --multi_gpu runs gloo where no GPU is)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

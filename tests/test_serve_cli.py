@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import openai
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,14 +22,8 @@ def _start(config: Path, port: int) -> subprocess.Popen:
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_decodes_on_the_main_thread_and_stops_cleanly(tiny_hub):
-    port = _free_port()
+    port = free_port()
     proc = _start(tiny_hub, port)
     try:
         deadline, health = time.monotonic() + 120, None
