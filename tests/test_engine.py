@@ -247,3 +247,30 @@ def test_the_chat_prefix_is_prefilled_once_per_adapter_and_changes_no_text(engin
     finally:
         tok.chat_template = None
         engine.prefixes = saved
+
+
+def test_length_groups_minimise_padded_tokens_plus_a_cost_per_forward():
+    from hub.decode import length_groups
+
+    lens = [50, 52, 51, 90, 91, 10]
+    groups = length_groups(lens, lambda n: n, overhead=20)
+    assert groups == [[10], [50, 51, 52], [90, 91]]  # 20 + 10 + 20 + 156 + 20 + 182 = 408 tokens
+    assert length_groups(lens, lambda n: n, overhead=10**6) == [sorted(lens)]  # a forward too dear: one group
+    assert length_groups([], len, 0) == [] and length_groups([7], lambda n: n, 0) == [[7]]
+
+
+def test_rows_prefilled_in_length_groups_generate_what_they_would_alone(engine, monkeypatch):
+    """Rows of different prompt lengths admitted together prefill in several forwards (one per length here,
+    the cost of a forward set to 0) and still generate what they would alone."""
+    from hub.decode import DecodeBatch
+
+    names = list(PROMPTS)
+    alone = {n: engine.generate([PROMPTS[n]], task=n, max_new_tokens=8)[0].text for n in names}
+    forwards = []
+    monkeypatch.setattr(DecodeBatch, "prefill_overhead", 0)
+    real = DecodeBatch._prefill
+    monkeypatch.setattr(DecodeBatch, "_prefill",
+                        lambda self, rows, past: (forwards.append(len(rows)), real(self, rows, past)))
+    got = engine.generate([PROMPTS[n] for n in names], task=names, max_new_tokens=8)
+    assert len({len(engine._encode(PROMPTS[n], True, 100, "t", n)[0]) for n in names}) == 3
+    assert forwards == [1, 1, 1] and [g.text for g in got] == [alone[n] for n in names]
