@@ -2,13 +2,13 @@
 
 A ``DecodeBatch`` holds the rows being generated, their KV cache (left-padded to one length, appended in place:
 hub/kv_cache.py) and their attention mask. ``add`` prefills new rows as left-padded batches of similar lengths
-(``length_groups``) under their own routing and joins their cache to the running one (the shorter side padded on
-the left, masked); ``step`` runs one forward for every row (one token each, each row with its own adapter or
-blend: a ``Routing`` passed with the forward, reused while the rows are unchanged so the per-row parameters are
-gathered once); finished rows leave with ``drop``, and columns no remaining row attends to are cut. Greedy or
-sampled per row (temperature, top-p, a generator per row, so a seeded row samples the same tokens alone or in any
-batch), stop strings, EOS and token limits per row. The engine (a list of prompts) and the server (requests arriving over time) both decode with it, so
-they generate the same text for the same prompt and adapter.
+(``length_groups``) under their own routing and joins their cache to the running one (the shorter side padded on the
+left, masked); ``step`` runs one forward for every row (one token each, each row with its own adapter or blend: a
+``Routing`` passed with the forward, reused while the rows are unchanged so the per-row parameters are gathered
+once); finished rows leave with ``drop``, and columns no remaining row attends to are cut. Greedy or sampled per row
+(temperature, top-p, a generator per row, so a seeded row samples the same tokens alone or in any batch), stop
+strings, EOS and token limits per row. The engine (a list of prompts) and the server (requests arriving over time)
+both decode with it, so they generate the same text for the same prompt and adapter.
 """
 from __future__ import annotations
 
