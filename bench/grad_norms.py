@@ -21,23 +21,16 @@ sys.path.insert(0, str(ROOT))
 
 def trace(config: Path, tau=None, max_grad_norm: float | None = None, store: Path | None = None) -> dict:
     from hub.workspace import Workspace
-    from models.trainer import Trainer
 
     ws = Workspace(config)
     ws.cfg.training.max_grad_norm = max_grad_norm or float("inf")  # inf: the norm is read, nothing is scaled
     ws.store = store or ws.store.parent / "store-grad-norms"
-    steps, step = [], Trainer.train_step
+    steps, t0 = [], time.perf_counter()
 
-    def traced(self):
-        nll = step(self)
-        steps.append({"step": self.step, "nll": nll, "grad_norm": self.last_grad_norm})
-        return nll
+    def traced(trainer, nll: float, _seconds: float) -> None:
+        steps.append({"step": trainer.step, "nll": nll, "grad_norm": trainer.last_grad_norm})
 
-    Trainer.train_step, t0 = traced, time.perf_counter()
-    try:
-        report = ws.train(tau=tau, progress=False, fit_router=False)
-    finally:
-        Trainer.train_step = step
+    report = ws.train(tau=tau, progress=False, fit_router=False, on_step=traced)
     res = ws.evaluate(split="test")
     return {"config": str(config), "tau": tau, "max_grad_norm": max_grad_norm, "lr": ws.cfg.training.lr,
             "clipped_steps": report.clipped_steps if max_grad_norm else 0, "seconds": time.perf_counter() - t0,

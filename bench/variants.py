@@ -126,7 +126,6 @@ def run_one(config: Path, eval_every: int, curve_docs: int) -> dict:
     import torch
 
     from hub.workspace import Workspace
-    from models.trainer import Trainer
     from tasks.batching import Tokenized, eval_batches
 
     ws = Workspace(config)
@@ -137,24 +136,16 @@ def run_one(config: Path, eval_every: int, curve_docs: int) -> dict:
         pick = spaced(len(t.ids), curve_docs)  # spread over the split, which keeps the file's (intent) order
         val[name] = Tokenized([t.ids[i] for i in pick], [t.n_prompt[i] for i in pick])
     durations, curve = [], []
-    step = Trainer.train_step
 
-    def measured(self):
-        t0 = time.perf_counter()
-        nll = step(self)
-        durations.append(time.perf_counter() - t0)
-        if self.step % eval_every == 0 or self.step == self.steps:
-            mtm = self.prior.mtm
-            mtm.set_params(self.prior.values())  # the prior sets its values again on the next forward
+    def measured(trainer, _nll: float, seconds: float) -> None:
+        durations.append(seconds)
+        if trainer.step % eval_every == 0 or trainer.step == trainer.steps:
+            mtm = trainer.prior.mtm
+            mtm.set_params(trainer.prior.values())  # the prior sets its values again on the next forward
             ppl = [mtm.perplexity(eval_batches(v, mtm.task_id(n), 8, tok.pad_token_id)) for n, v in val.items()]
-            curve.append([self.step, statistics.mean(ppl)])
-        return nll
+            curve.append([trainer.step, statistics.mean(ppl)])
 
-    Trainer.train_step = measured
-    try:
-        report = ws.train(progress=False, fit_router=False)
-    finally:
-        Trainer.train_step = step
+    report = ws.train(progress=False, fit_router=False, on_step=measured)
     mtm, _ = ws.trained_model()
     g, _ = mtm.locate(0)
     evals = ws.evaluate(mtm=mtm)

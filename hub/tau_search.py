@@ -51,7 +51,7 @@ def propose(tried: dict[float, float], lo: float, hi: float) -> float:
 
 
 def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, fit_router: bool = True,
-               evaluations: int = EVALUATIONS, log_range: tuple[float, float] = (LOG_LO, LOG_HI)):
+               evaluations: int = EVALUATIONS, log_range: tuple[float, float] = (LOG_LO, LOG_HI), on_step=None):
     """Train at the tau with the best mean validation perplexity; returns that run's TrainReport."""
     if names:
         raise ConfigError(["--tasks: tau 'search' searches tau for the whole hub; give a number to train a subset"],
@@ -66,7 +66,7 @@ def search_tau(ws, names=None, steps: int | None = None, progress: bool = True, 
         if log_tau in tried:
             return
         ws.store = work / f"tau-{log_tau:+.4f}"
-        report = ws.train(tau=10.0 ** log_tau, steps=steps, progress=progress, fit_router=False)
+        report = ws.train(tau=10.0 ** log_tau, steps=steps, progress=progress, fit_router=False, on_step=on_step)
         res = ws.evaluate(split="validation")
         mean = sum(r["perplexity"] for r in res.values()) / len(res)
         tried[log_tau] = {"tau": 10.0 ** log_tau, "val_perplexity": mean, "store": ws.store, "steps": report.steps,

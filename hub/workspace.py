@@ -86,12 +86,13 @@ class Workspace:
 
     # -- training ----------------------------------------------------------------------------------
     def train(self, names: list[str] | None = None, steps: int | None = None, tau=None, resume: bool = False,
-              progress: bool = True, fit_router: bool = True) -> TrainReport:
+              progress: bool = True, fit_router: bool = True, on_step=None) -> TrainReport:
         """Train (all tasks, or ``names`` with the rest frozen) and save the store.
 
         tau: overrides the registry's; "auto" learns it in this run (models/tau_heldout.py), "search" chooses it on the
         validation split over several runs (hub/tau_search.py).
         fit_router: refit the router on the new adapters (skipped for intermediate runs of a search).
+        on_step: called after every training step with (trainer, NLL, seconds) (models/trainer.py).
         """
         cfg, tcfg = self.cfg, self.cfg.training
         if not cfg.tasks:
@@ -107,7 +108,7 @@ class Workspace:
                                    "process; under a launcher give tau a number"], self.config_path)
             from .tau_search import search_tau
 
-            return search_tau(self, names, steps, progress, fit_router=fit_router)
+            return search_tau(self, names, steps, progress, fit_router=fit_router, on_step=on_step)
         mtm = self.new_model()
         stored, stored_info = None, {}
         if names:  # train a subset: the other tasks and Theta stay at their stored values
@@ -124,7 +125,7 @@ class Workspace:
         params, report = train_tasks(mtm, cfg.tasks, tokens, tcfg, tau, self.settings, steps=steps,
                                      stored=stored, checkpoint_dir=store_mod.checkpoint_dir(self.store),
                                      resume=resume, progress=progress, source=self.config_path,
-                                     validation=validation)
+                                     validation=validation, on_step=on_step)
         if not report.main_process:  # data-parallel run: one process saves
             return report
         mtm.set_params(params)

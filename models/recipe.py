@@ -48,12 +48,12 @@ class RunSettings:
 def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, Tokenized], training: TrainingSpec,
                 tau, settings: RunSettings, *, steps: int | None = None, stored: dict | None = None,
                 checkpoint_dir: Path | None = None, resume: bool = False, progress: bool = True,
-                source: str | Path = "tasks.yaml",
-                validation: dict[str, Tokenized] | None = None) -> tuple[dict, TrainReport]:
+                source: str | Path = "tasks.yaml", validation: dict[str, Tokenized] | None = None,
+                on_step=None) -> tuple[dict, TrainReport]:
     """Train the tasks in ``tokens`` (all of ``tasks``, or a subset warm-started from ``stored`` params with the
     others and Theta frozen). Returns ({group key: (theta, Theta)} in float32 on the CPU, the report; only the
     report's main process should save). ``validation``: the tasks' validation tokens, which tau: auto judges its
-    tau on (without any, tau: auto is the evidence update alone)."""
+    tau on (without any, tau: auto is the evidence update alone). ``on_step``: the Trainer's per-step callback."""
     names = [t.name for t in tasks]
     chosen = [n for n in names if n in tokens]
     subset = len(chosen) < len(names)
@@ -90,7 +90,7 @@ def train_tasks(mtm: MultiTaskModel, tasks: list[TaskSpec], tokens: dict[str, To
                       seed=training.seed, grad_accum=training.grad_accum, checkpoint_every=training.checkpoint_every,
                       checkpoint_dir=checkpoint_dir, run_id=run_id(mtm, tasks, chosen, tau, steps, training),
                       grad_hooks=hooks, optimizer_factory=extras.optimizer_factory, accelerator=acc,
-                      max_grad_norm=training.max_grad_norm)
+                      max_grad_norm=training.max_grad_norm, on_step=on_step)
     report = trainer.fit(resume=resume, progress=progress)
     if learn_tau:
         report.tau_history = hooks[-1].history

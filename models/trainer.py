@@ -79,9 +79,12 @@ class Trainer:
                  lr_schedule: str = "constant",
                  checkpoint_every: int = 20, checkpoint_dir: str | Path | None = None, run_id: dict | None = None,
                  grad_hooks: list[Callable] | None = None, optimizer_factory: Callable | None = None,
-                 accelerator=None, max_grad_norm: float | None = None):
-        """accelerator: an ``accelerate.Accelerator`` (models/device.py); default: fp32 on the model's device."""
-        self.prior, self.batcher = prior, batcher
+                 accelerator=None, max_grad_norm: float | None = None,
+                 on_step: Callable[["Trainer", float, float], None] | None = None):
+        """accelerator: an ``accelerate.Accelerator`` (models/device.py); default: fp32 on the model's device.
+        on_step: called after every optimiser step of ``fit`` with (trainer, the step's NLL, its seconds), e.g. to
+        trace gradient norms or evaluate along the way (bench/grad_norms.py, bench/variants.py)."""
+        self.prior, self.batcher, self.on_step = prior, batcher, on_step
         self.steps, self.seed, self.grad_accum = steps, seed, grad_accum
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine' (got {lr_schedule!r})")
@@ -210,7 +213,10 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=start, desc="train", unit="step",
                    disable=not (progress and self.acc.is_main_process))
         while self.step < self.steps:
+            t_step = time.perf_counter()
             nll = self.train_step()
+            if self.on_step is not None:
+                self.on_step(self, nll, time.perf_counter() - t_step)
             tokens += self._tokens
             bar.update(1)
             bar.set_postfix(nll=f"{nll:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -145,6 +146,16 @@ def test_max_grad_norm_clips_the_step_gradient_and_counts_clipped_steps(tiny_reg
     tiny_registry.write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(tiny_registry), "train", "--quiet", "--steps", "3"]) == 0
     assert "3 steps clipped to max_grad_norm" in capsys.readouterr().out
+
+
+def test_on_step_sees_every_step_of_a_workspace_run(tiny_registry):
+    from hub.workspace import Workspace
+
+    seen = []
+    report = Workspace(tiny_registry).train(steps=3, progress=False, fit_router=False,
+                                            on_step=lambda t, nll, s: seen.append((t.step, nll, s, t.steps)))
+    assert [x[0] for x in seen] == [1, 2, 3] and all(x[3] == 3 and x[2] > 0 for x in seen)
+    assert seen[-1][1] == report.last_nll and all(math.isfinite(x[1]) for x in seen)
 
 def cli(*args, cwd):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
