@@ -61,8 +61,9 @@ def _error_for(e: Exception) -> ApiError:
 def create_app(engine: Engine, *, max_rows: int = 16, max_queue: int = 64, timeout: float = 600.0,
                max_tokens: int = 128, mode: str = "fallback", backend: str | None = None,
                scheduler: Scheduler | None = None) -> FastAPI:
-    """The app. Without ``scheduler`` its own scheduler thread starts and stops with the app's lifespan; with
-    one (whose loop the caller runs: ``serve``) the app submits to it and leaves it running."""
+    """The app. Without ``scheduler`` its own scheduler thread (``max_rows``, ``max_queue``) starts and stops with
+    the app's lifespan; with one (whose loop the caller runs: ``serve``) the app submits to it and leaves it
+    running, and ``max_rows`` / ``max_queue`` are the scheduler's own."""
     state: dict = {}
 
     @asynccontextmanager
@@ -244,7 +245,7 @@ def serve(config: str = "tasks.yaml", host: str = "127.0.0.1", port: int = 8000,
 
     engine = Engine.from_workspace(config)
     scheduler = Scheduler(engine, max_rows=max_rows, max_queue=max_queue, start=False)
-    app = create_app(engine, max_rows=max_rows, max_queue=max_queue, scheduler=scheduler, **kw)
+    app = create_app(engine, scheduler=scheduler, **kw)  # the scheduler carries max_rows and max_queue
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     http = threading.Thread(target=server.run, name="borahub-http", daemon=True)  # no signal handlers off main
 
