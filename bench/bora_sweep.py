@@ -336,6 +336,7 @@ def main() -> None:
                     help="reuse finished fixed-tau runs of this registry although models/ changed (auto reruns)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 on bbc, 1e-3 on hwu64)")
     ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: off)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: the mode's)")
     ap.add_argument("--prior", type=Path, default=None,
                     help="an earlier results JSON: its fixed-tau runs of the same data and settings are taken")
     ap.add_argument("--out", default=None, help="results folder (default docs/results; --quick: the work folder)")
@@ -347,7 +348,8 @@ def main() -> None:
         prior = json.loads(args.prior.read_text()) if args.prior else None
     except (OSError, ValueError) as e:
         ap.error(f"--prior {args.prior}: {e}")
-    mode.update({k: v for k, v in (("lr", args.lr), ("max_grad_norm", args.max_grad_norm)) if v is not None})
+    mode.update({k: v for k, v in (("lr", args.lr), ("max_grad_norm", args.max_grad_norm), ("steps", args.steps))
+                 if v is not None})
     if args.threads:
         import torch
 

@@ -131,6 +131,8 @@ def test_lr_and_clipping_overrides_enter_the_registry_only_when_given(tmp_path):
     assert load_config(bora_sweep.hwu_registry(tmp_path / "b", mode, 0)).training.max_grad_norm == 2.0
     clipped = load_config(bora_sweep.bbc_registry(tmp_path / "c", mode, 0)).training
     assert (clipped.lr, clipped.max_grad_norm) == (1e-3, 2.0)
+    longer = load_config(bora_sweep.bbc_registry(tmp_path / "a", {**bora_sweep.QUICK, "steps": 9}, 0)).training
+    assert longer.steps == 9  # --steps
 
 
 def test_grad_norm_trace_reads_every_step_and_clips_only_when_asked(tiny_registry):
@@ -155,6 +157,7 @@ def test_prior_results_give_their_fixed_tau_runs_at_the_same_settings(tiny_regis
     assert bora_sweep.prior_runs(prior, "bbc", bora_sweep.FULL, 0) == {}
     assert bora_sweep.prior_runs(prior, "hwu64", bora_sweep.FULL, 1) == {}
     assert bora_sweep.prior_runs(prior, "bbc", {**bora_sweep.FULL, "lr": 1e-3}, 1) == {}
+    assert bora_sweep.prior_runs(prior, "bbc", {**bora_sweep.FULL, "steps": 180}, 1) == {}
     out = bora_sweep.run_sweep(tiny_registry, [0], earlier=taken)
     assert out["runs"]["0"] == run and "taken from the prior results" in capsys.readouterr().err
     assert set(out["runs"]) == {"0", "auto"}
