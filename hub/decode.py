@@ -59,8 +59,8 @@ class Row:
 class DecodeBatch:
     """The running batch of one model. Not thread-safe: one thread drives it."""
 
-    # what one more prefill forward costs, in prompt tokens: rows of very different lengths prefill in separate
-    # forwards (``length_groups``) when that saves more padded tokens than this per extra forward
+    # what one more prefill forward costs, in prompt tokens: on the CPU, rows of very different lengths prefill in
+    # separate forwards (``length_groups``) when that saves more padded tokens than this per extra forward
     prefill_overhead = 64
 
     def __init__(self, mtm: MultiTaskModel, prefixes: "PrefixCache | None" = None):
@@ -88,7 +88,10 @@ class DecodeBatch:
         shared = [r for r in rows if self.prefixes is not None and self.prefixes.fits(r)]
         for part, past in ((shared, self.prefixes), ([r for r in rows if r not in shared], None)):
             n_pre = 0 if past is None else len(past.ids)
-            for group in length_groups(part, lambda r: len(r.ids) - n_pre, self.prefill_overhead):
+            # on a GPU a prefill this small is bound by its kernel launches, not its tokens: one forward there
+            groups = length_groups(part, lambda r: len(r.ids) - n_pre, self.prefill_overhead) \
+                if self.mtm.device.type == "cpu" else [part] if part else []
+            for group in groups:
                 self._prefill(group, past)
 
     def _prefill(self, rows: list[Row], prefixes: "PrefixCache | None") -> None:
