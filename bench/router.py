@@ -9,7 +9,7 @@ Reports per hub and depth: select accuracy, default-mode (fallback) false fallba
 OOD recall (Banking77 requests into the HWU64 hub, HWU64 requests into the BBC hub), requests per second
 (batches of 16), fit time; confusion PNGs. Prints JSON; writes docs/results/router.{json,md} + PNGs.
 
-    python bench/router.py [--threads 2] [--depths 0.25,0.15,0.5]
+    python bench/router.py [--threads 2] [--depths 0.25,0.15,0.5] [--taps 0.5,0.75,1] [--out docs/results]
 """
 from __future__ import annotations
 
@@ -74,11 +74,12 @@ def per_second(router, mtm, texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - t0)
 
 
-def evaluate(cfg: Path, test: list[tuple[str, str]], ood: list[str], depth: float, png: Path | None) -> dict:
+def evaluate(cfg: Path, test: list[tuple[str, str]], ood: list[str], depth: float, png: Path | None,
+             taps: tuple[float, ...] = R.RouterConfig.taps) -> dict:
     ws = Workspace(cfg)
     mtm = ws.new_model()
     t0 = time.perf_counter()
-    router = R.fit_from_workspace(ws, mtm, R.RouterConfig(depth=depth))
+    router = R.fit_from_workspace(ws, mtm, R.RouterConfig(depth=depth, taps=taps))
     fit_s = time.perf_counter() - t0
     texts, want = [x for _, x in test], [t for t, _ in test]
     t0 = time.perf_counter()
@@ -96,7 +97,8 @@ def evaluate(cfg: Path, test: list[tuple[str, str]], ood: list[str], depth: floa
         plot_confusion(conf, names, png, f"{cfg.parent.name}: select accuracy {sel_acc:.3f} (n={len(want)})")
     cal = router.meta["calibration"]
     return {
-        "depth": depth, "layer": router.layer, "of_layers": mtm.lm.config.num_hidden_layers, "tasks": len(names),
+        "depth": depth, "layer": router.layer, "layers": router.layers, "of_layers": mtm.lm.config.num_hidden_layers,
+        "tasks": len(names),
         "fit_s": round(fit_s, 1), "train_inputs": sum(min(len(ws.data(n).train), router.meta["config"]["max_docs"])
                                                       for n in names),
         "validation": {k: cal[k] for k in ("inputs", "accuracy", "false_fallback", "kept_accuracy")},
@@ -121,6 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--depths", default="0.25", help="first: the full report; others: accuracy vs speed")
+    ap.add_argument("--taps", default=",".join(map(str, R.RouterConfig.taps)),
+                    help="shares of the depth whose layers are read (1: the one layer at the depth)")
     ap.add_argument("--ood", type=int, default=1000, help="Banking77 test requests sent to the HWU64 hub")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = ap.parse_args()
@@ -130,9 +134,10 @@ def main() -> None:
     bank = [r["text"] for r in read_csv(DATA / "banking77" / "test.csv")]
     bank = bank[:: max(1, len(bank) // args.ood)][: args.ood]
     depths = [float(d) for d in args.depths.split(",")]
+    taps = tuple(float(t) for t in args.taps.split(","))
     res = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": args.threads,
-           "date": dt.date.today().isoformat(), "router_config": R.RouterConfig().__dict__, "hubs": {}}
+           "date": dt.date.today().isoformat(), "router_config": R.RouterConfig(taps=taps).__dict__, "hubs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "hwu64").mkdir()
         (Path(tmp) / "bbc").mkdir()
@@ -142,7 +147,7 @@ def main() -> None:
         for name, (cfg, test, ood) in hubs.items():
             res["hubs"][name] = []
             for i, d in enumerate(depths):
-                row = evaluate(cfg, test, ood, d, out / f"router_{name}.png" if i == 0 else None)
+                row = evaluate(cfg, test, ood, d, out / f"router_{name}.png" if i == 0 else None, taps)
                 res["hubs"][name].append(row)
                 print(json.dumps({name: {k: v for k, v in row.items() if k != "confusion"}}), flush=True)
     (out / "router.json").write_text(json.dumps(res, indent=1))
@@ -157,12 +162,13 @@ def write_md(res: dict, path: Path) -> None:
              "OOD: Banking77 test requests into the "
              "HWU64 hub, HWU64 test requests into the BBC hub.", "",
              "Openings: the first 8-24 words of each long test input (BBC articles), as a user sends a headline.", "",
-             "| hub | depth (layer) | select acc. | false fallback | acc. on the rest | OOD recall | requests/s | "
+             "| hub | depth (layers) | select acc. | false fallback | acc. on the rest | OOD recall | requests/s | "
              "mean tokens | fit s | openings: select acc. / false fallback |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rows in res["hubs"].items():
         for r in rows:
-            lines.append(f"| {name} | {r['depth']} ({r['layer']}/{r['of_layers']}) | {r['select_accuracy']:.3f} | "
+            layers = ", ".join(map(str, r["layers"]))
+            lines.append(f"| {name} | {r['depth']} ({layers} of {r['of_layers']}) | {r['select_accuracy']:.3f} | "
                          f"{r['false_fallback']:.1%} | {r['accuracy_on_the_rest']:.3f} | {r['ood_recall']:.1%} | "
                          f"{r['requests_per_s']:.1f} | {r['mean_tokens']} | {r['fit_s']} | " +
                          (f"{r['openings']['select_accuracy']:.3f} / {r['openings']['false_fallback']:.1%} |"

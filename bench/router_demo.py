@@ -55,7 +55,7 @@ def evaluate_depth(mtm, train, val, test, depth: float) -> dict:
     router = R.fit(mtm, train, val, R.RouterConfig(depth=depth))
     fit_s = time.perf_counter() - t0
     x_te, y_te = flat(test, router.tasks)
-    e_te = R.embed(mtm, x_te, router.layer, router.max_tokens)
+    e_te = R.embed(mtm, x_te, router.layers, router.max_tokens)
     pred = router.probs(e_te).argmax(1)
     return {"router": router, "fit_s": fit_s, "x_te": x_te, "y_te": y_te, "e_te": e_te,
             "accuracy": float((pred == y_te).float().mean()), "layer": router.layer}
@@ -131,16 +131,16 @@ def main() -> None:
     fb_te = router.decide(p_te, ood_te, "fallback", energy=router.energy(e_te))
     kept = torch.tensor([not r.fallback for r in fb_te])
     heads = [x.split("\n")[0] for x in x_te]  # BBC headlines: short inputs of the right topics
-    e_head = R.embed(mtm, heads, router.layer, router.max_tokens)
+    e_head = R.embed(mtm, heads, router.layers, router.max_tokens)
     p_head = router.probs(e_head)
     fb_head = router.decide(p_head, router.ood_scores(e_head), "fallback", energy=router.energy(e_head))
-    e_ood = R.embed(mtm, ood_texts, router.layer, router.max_tokens)
+    e_ood = R.embed(mtm, ood_texts, router.layers, router.max_tokens)
     s_ood = router.ood_scores(e_ood)
     fb_ood = router.decide(router.probs(e_ood), s_ood, "fallback", energy=router.energy(e_ood))
 
     # Calibration: thresholds set on validation, checked on test.
     x_va, y_va = flat(val, tasks)
-    e_va = R.embed(mtm, x_va, router.layer, router.max_tokens)
+    e_va = R.embed(mtm, x_va, router.layers, router.max_tokens)
     p_va = router.probs(e_va)
     mp_va, pr_va = p_va.max(1)
     mp_te = p_te.max(1).values
@@ -182,7 +182,8 @@ def main() -> None:
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": args.threads,
         "date": dt.date.today().isoformat(), "base_model": state["base_model"], "tasks": tasks,
-        "router": {"config": router.meta["config"], "layer": router.layer, "of_layers": mtm.lm.config.num_hidden_layers,
+        "router": {"config": router.meta["config"], "layer": router.layer, "layers": router.layers,
+                   "of_layers": mtm.lm.config.num_hidden_layers,
                    "max_tokens": router.max_tokens, "temperature": router.meta["temperature"],
                    "fit_s": main_run["fit_s"], "train_inputs": {n: min(len(train[n]), router.meta["config"]["max_docs"])
                                                                 for n in tasks}},
@@ -219,7 +220,8 @@ def write_md(res: dict, path: Path) -> None:
         "# Router on the embedded default tasks", "",
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}; torch threads: {res['threads']}; date: {res['date']}", "",
-        f"Base model {res['base_model']}; embeddings: mean hidden state after layer {r['layer']} of {r['of_layers']} "
+        f"Base model {res['base_model']}; embeddings: mean hidden states after layers "
+        f"{', '.join(map(str, r.get('layers', [r['layer']])))} of {r['of_layers']} (concatenated) "
         f"over the first {r['max_tokens']} tokens, adapters off; softmax regression, "
         f"temperature {r['temperature']:.2f}. "
         f"Fit (embedding the training and validation inputs included): {r['fit_s']:.1f} s.", "",

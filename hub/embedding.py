@@ -2,6 +2,8 @@
 for the Bayesian scorer."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,9 +12,9 @@ from models.multitask import MultiTaskModel
 
 from .route import RouterError
 
+
 class _Stop(Exception):
-    def __init__(self, hidden: Tensor):
-        self.hidden = hidden
+    """Raised by the deepest hook: the rest of the forward is not needed."""
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
@@ -29,18 +31,34 @@ def layer_for(lm: nn.Module, depth: float) -> int:
     return min(n, max(1, round(depth * n)))
 
 
+def layers_for(lm: nn.Module, depth: float, taps: Sequence[float]) -> list[int]:
+    """The decoder layers whose states a router reads: ``taps`` (shares of the routing depth, e.g. 0.5, 0.75, 1)
+    of the layer at ``depth``, rounded, at least 1, without repeats, ascending (4, 6, 8 for SmolLM2's 30)."""
+    deepest = layer_for(lm, depth)
+    return sorted({min(deepest, max(1, round(t * deepest))) for t in taps})
+
+
 @torch.no_grad()
-def embed(mtm: MultiTaskModel, texts: list[str], layer: int, max_tokens: int, batch_size: int = 16,
+def embed(mtm: MultiTaskModel, texts: list[str], layers: int | Sequence[int], max_tokens: int, batch_size: int = 16,
           progress=None) -> Tensor:
-    """Mean hidden state after decoder layer ``layer`` over each text's first ``max_tokens`` tokens,
-    from the frozen base model (adapters off), as float32 (N, hidden). The forward stops at ``layer``."""
+    """Each text's mean hidden state over its first ``max_tokens`` tokens after each decoder layer of ``layers``,
+    concatenated in that order, from the frozen base model (adapters off), as float32 (N, hidden * len(layers)).
+    The forward stops after the deepest of them, so the shallower ones cost only their pooling."""
     tok, lm = mtm.tokenizer, mtm.lm
-    out = torch.zeros(len(texts), lm.config.hidden_size)
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    deepest, d = max(layers), lm.config.hidden_size
+    out = torch.zeros(len(texts), d * len(layers))
+    seen: dict[int, Tensor] = {}
 
-    def stop(_module, _args, output):
-        raise _Stop(output[0] if isinstance(output, tuple) else output)
+    def keep(layer: int):
+        def hook(_module, _args, output):
+            seen[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _Stop()
+        return hook
 
-    hook = decoder_layers(lm)[layer - 1].register_forward_hook(stop)
+    blocks = decoder_layers(lm)
+    hooks = [blocks[layer - 1].register_forward_hook(keep(layer)) for layer in set(layers)]
     side, tok.padding_side = tok.padding_side, "right"
     try:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
@@ -48,19 +66,24 @@ def embed(mtm: MultiTaskModel, texts: list[str], layer: int, max_tokens: int, ba
             idx = order[start: start + batch_size]
             enc = tok([texts[i] for i in idx], truncation=True, max_length=max_tokens, padding=True,
                       return_tensors="pt").to(mtm.device)
+            seen.clear()
             try:
                 with mtm.routed(None):  # adapters off, even inside another routed forward
                     lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-                raise RouterError(f"layer {layer} of {type(lm).__name__} did not run")
-            except _Stop as s:
-                hidden = s.hidden.float()
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out[idx] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+                raise RouterError(f"layer {deepest} of {type(lm).__name__} did not run")
+            except _Stop:
+                pass
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            count = mask.sum(1).clamp(min=1)
+            for j, layer in enumerate(layers):
+                out[idx, j * d:(j + 1) * d] = ((seen[layer].float() * mask).sum(1) / count).cpu()
             if progress is not None:
                 progress.update(len(idx))
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
         tok.padding_side = side
+        seen.clear()
     return out
 
 

@@ -141,7 +141,8 @@ def cmd_router_fit(args) -> int:
                        fallback_budget=args.fallback_budget, budget_confidence=args.budget_confidence)
     r = fit_and_save(ws, mtm, cfg, progress=not args.quiet)
     c, t = r.meta["calibration"], r.thresholds
-    print(f"router: {len(r.tasks)} tasks, embeddings after layer {r.layer}/{mtm.lm.config.num_hidden_layers}; "
+    print(f"router: {len(r.tasks)} tasks, embeddings after layers {', '.join(map(str, r.layers))} "
+          f"of {mtm.lm.config.num_hidden_layers}; "
           f"{c['split']} accuracy {c['accuracy']:.3f} on {c['inputs']} inputs (select mode)")
     kept = "n/a" if c["kept_accuracy"] is None else f"{c['kept_accuracy']:.3f}"
     print(f"fallback mode on {c['split']}: {c['false_fallback']:.1%} sent to {GLOBAL_NAME} (budget "

@@ -89,7 +89,7 @@ def test_train_fits_a_router_calibrated_on_validation(hub_cfg):
     val = {n: [e.router_text for e in ws.data(n).validation] for n in router.tasks}
     texts = [t for n in router.tasks for t in val[n]]
     y = torch.tensor([i for i, n in enumerate(router.tasks) for _ in val[n]])
-    e = R.embed(mtm, texts, router.layer, router.max_tokens)
+    e = R.embed(mtm, texts, router.layers, router.max_tokens)
     ood, energy = router.ood_scores(e), router.energy(e)
     assert router.thresholds["ood"] == pytest.approx(float(ood.max()))  # 9 inputs: 1% of them is none
     fell_back = (ood > router.thresholds["ood"]) | (energy > router.thresholds["energy"])
@@ -167,6 +167,50 @@ def test_router_files_are_checked_on_load(hub_cfg, tmp_path):
     shutil.rmtree(copy)
     with pytest.raises(R.RouterError, match="no router"):
         R.Router.load(copy, mtm)
+
+
+def test_taps_concatenate_several_layers_read_in_one_forward(hub_cfg, tmp_path):
+    from types import SimpleNamespace
+
+    from hub.embedding import layers_for
+
+    def lm(n):
+        return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=n))
+
+    assert layers_for(lm(30), 0.25, (0.5, 0.75, 1.0)) == [4, 6, 8]  # SmolLM2-135M
+    assert layers_for(lm(2), 0.25, (0.5, 0.75, 1.0)) == [1]  # repeats collapse
+    assert layers_for(lm(24), 1.0, (1.0, 0.0)) == [1, 24]  # at least layer 1
+    ws = Workspace(hub_cfg)
+    mtm, _ = ws.trained_model()
+    texts = ["the bank raised rates", "a pinch of salt in the soup", "the striker scored twice"]
+    norms = []
+    hook = mtm.lm.model.norm.register_forward_hook(lambda *a: norms.append(1))
+    try:
+        both = R.embed(mtm, texts, [1, 2], 16)
+    finally:
+        hook.remove()
+    assert norms == []  # the forward stopped after layer 2: the final norm never ran
+    d = mtm.lm.config.hidden_size
+    torch.testing.assert_close(both, torch.cat([R.embed(mtm, texts, 1, 16), R.embed(mtm, texts, [2], 16)], 1))
+    assert not torch.allclose(both[:, :d], both[:, d:])
+
+    router = R.fit_from_workspace(ws, mtm, R.RouterConfig(depth=1.0))
+    assert router.layers == [1, 2] and router.layer == 2 and router.t["mean"].numel() == 2 * d
+    router.save(tmp_path / "taps")
+    again = R.Router.load(tmp_path / "taps", mtm)
+    assert again.layers == [1, 2]
+    assert [r.task for r in again.route(mtm, texts, mode="select")] == \
+        [r.task for r in router.route(mtm, texts, mode="select")]
+    meta = json.loads((tmp_path / "taps" / R.ROUTER_JSON).read_text())
+    for bad in ([2, 1], [1, 3], []):
+        (tmp_path / "taps" / R.ROUTER_JSON).write_text(json.dumps({**meta, "layers": bad}))
+        with pytest.raises(R.RouterError, match="malformed router"):
+            R.Router.load(tmp_path / "taps", mtm)
+    # a router fitted before taps (one layer, no "layers" field) still loads and routes
+    old = R.Router.load(ws.store, mtm)
+    old.meta.pop("layers")
+    old.save(tmp_path / "old")
+    assert R.Router.load(tmp_path / "old", mtm).layers == [old.layer]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
