@@ -46,6 +46,9 @@ def embed(mtm: MultiTaskModel, texts: list[str], layers: int | Sequence[int], ma
     The forward stops after the deepest of them, so the shallower ones cost only their pooling."""
     tok, lm = mtm.tokenizer, mtm.lm
     layers = [layers] if isinstance(layers, int) else list(layers)
+    n = lm.config.num_hidden_layers
+    if not layers or not all(type(x) is int and 1 <= x <= n for x in layers):
+        raise RouterError(f"cannot embed after layers {layers!r}: {type(lm).__name__} has layers 1 to {n}")
     deepest, d = max(layers), lm.config.hidden_size
     out = torch.zeros(len(texts), d * len(layers))
     seen: dict[int, Tensor] = {}
@@ -57,10 +60,10 @@ def embed(mtm: MultiTaskModel, texts: list[str], layers: int | Sequence[int], ma
                 raise _Stop()
         return hook
 
-    blocks = decoder_layers(lm)
-    hooks = [blocks[layer - 1].register_forward_hook(keep(layer)) for layer in set(layers)]
+    blocks, hooks = decoder_layers(lm), []
     side, tok.padding_side = tok.padding_side, "right"
     try:
+        hooks += [blocks[layer - 1].register_forward_hook(keep(layer)) for layer in set(layers)]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]

@@ -75,12 +75,13 @@ class Router:
             if tuple(self.t[k].shape) != shape:
                 raise ValueError(f"tensor {k} has shape {tuple(self.t[k].shape)}, expected {shape}")
         th = self.meta["thresholds"]
-        if not layers or not all(isinstance(x, int) and x >= 1 for x in layers) or layers != sorted(set(layers)) \
-                or D % len(layers) or layers[-1] != self.meta["layer"]:
+        ascending = isinstance(layers, list) and layers and all(type(x) is int and x >= 1 for x in layers) \
+            and layers == sorted(set(layers))
+        if not ascending or D % len(layers) or layers[-1] != self.meta["layer"]:
             raise ValueError(f"layers {layers!r} are not ascending layer numbers dividing the {D} features")
         numbers = [self.meta["temperature"], th["ood"], th["energy"]]
         if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers) or \
-                not isinstance(self.meta["layer"], int) or not isinstance(self.meta["max_tokens"], int) or \
+                type(self.meta["layer"]) is not int or not isinstance(self.meta["max_tokens"], int) or \
                 not isinstance(self.meta["config"]["batch_size"], int) or self.meta["config"]["batch_size"] < 1:
             raise ValueError("layer, max_tokens, temperature, thresholds or batch_size malformed")
 
@@ -200,8 +201,10 @@ class Router:
             raise RouterError(f"{store}: no router (missing {ROUTER_JSON}); run `borahub router fit` or pass --task")
         try:
             meta = json.loads(jpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RouterError(f"{jpath}: not valid JSON ({e}); run `borahub router fit`") from None
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer too long to convert
+            raise RouterError(f"{jpath}: not valid JSON ({str(e)[:100]}); run `borahub router fit`") from None
+        if not isinstance(meta, dict):
+            raise RouterError(f"{jpath}: malformed (not a JSON object); run `borahub router fit`")
         if meta.get("format") != FORMAT:
             raise RouterError(f"{jpath}: unsupported router format {meta.get('format')!r}; run `borahub router fit`")
         if not wpath.is_file() or hashlib.sha256(wpath.read_bytes()).hexdigest() != meta.get("weights_sha256"):
@@ -243,7 +246,7 @@ def __getattr__(name: str):
         from . import router_fit
 
         return getattr(router_fit, name)
-    if name in ("embed", "log_likelihoods", "layer_for", "decoder_layers"):
+    if name in ("embed", "log_likelihoods", "layer_for", "layers_for", "decoder_layers"):
         from . import embedding
 
         return getattr(embedding, name)

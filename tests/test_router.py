@@ -182,17 +182,25 @@ def test_taps_concatenate_several_layers_read_in_one_forward(hub_cfg, tmp_path):
     assert layers_for(lm(24), 1.0, (1.0, 0.0)) == [1, 24]  # at least layer 1
     ws = Workspace(hub_cfg)
     mtm, _ = ws.trained_model()
-    texts = ["the bank raised rates", "a pinch of salt in the soup", "the striker scored twice"]
+    texts = ["the bank raised rates", "a pinch of salt in the soup", "the striker scored twice", "rain"]
     norms = []
     hook = mtm.lm.model.norm.register_forward_hook(lambda *a: norms.append(1))
     try:
-        both = R.embed(mtm, texts, [1, 2], 16)
+        both = R.embed(mtm, texts, [1, 2], 16, batch_size=3)  # two batches of different lengths
     finally:
         hook.remove()
     assert norms == []  # the forward stopped after layer 2: the final norm never ran
+    assert not any(b._forward_hooks for b in R.decoder_layers(mtm.lm))  # no hook left behind
+    enc = mtm.tokenizer(texts[0], return_tensors="pt")
+    with torch.no_grad():
+        states = mtm.lm(**enc, output_hidden_states=True).hidden_states  # [0]: the embeddings; [k]: after layer k
     d = mtm.lm.config.hidden_size
+    torch.testing.assert_close(both[0, :d], states[1][0].mean(0))
     torch.testing.assert_close(both, torch.cat([R.embed(mtm, texts, 1, 16), R.embed(mtm, texts, [2], 16)], 1))
     assert not torch.allclose(both[:, :d], both[:, d:])
+    for bad in ([], [0], [3], [True]):
+        with pytest.raises(R.RouterError, match="cannot embed after layers"):
+            R.embed(mtm, texts, bad, 16)
 
     router = R.fit_from_workspace(ws, mtm, R.RouterConfig(depth=1.0))
     assert router.layers == [1, 2] and router.layer == 2 and router.t["mean"].numel() == 2 * d
@@ -202,15 +210,23 @@ def test_taps_concatenate_several_layers_read_in_one_forward(hub_cfg, tmp_path):
     assert [r.task for r in again.route(mtm, texts, mode="select")] == \
         [r.task for r in router.route(mtm, texts, mode="select")]
     meta = json.loads((tmp_path / "taps" / R.ROUTER_JSON).read_text())
-    for bad in ([2, 1], [1, 3], []):
-        (tmp_path / "taps" / R.ROUTER_JSON).write_text(json.dumps({**meta, "layers": bad}))
+    for layer, layers in ((2, [2, 1]), (2, [1, 1, 2]), (2, "abc"), (2, None), (2, [True, 2]), (2, [2]), (3, [1, 3]),
+                          (2, [])):
+        (tmp_path / "taps" / R.ROUTER_JSON).write_text(json.dumps({**meta, "layer": layer, "layers": layers}))
         with pytest.raises(R.RouterError, match="malformed router"):
             R.Router.load(tmp_path / "taps", mtm)
-    # a router fitted before taps (one layer, no "layers" field) still loads and routes
+    for text in ("[1]", '{"format": ' + "9" * 5000 + "}"):
+        (tmp_path / "taps" / R.ROUTER_JSON).write_text(text)
+        with pytest.raises(R.RouterError, match="malformed|not valid JSON"):
+            R.Router.load(tmp_path / "taps", mtm)
+    # a router fitted before taps (one layer, no "layers" field) still loads and routes as before
     old = R.Router.load(ws.store, mtm)
     old.meta.pop("layers")
     old.save(tmp_path / "old")
-    assert R.Router.load(tmp_path / "old", mtm).layers == [old.layer]
+    legacy = R.Router.load(tmp_path / "old", mtm)
+    assert legacy.layers == [old.layer] == [1]
+    assert [r.task for r in legacy.route(mtm, texts, mode="select")] == \
+        [r.task for r in R.Router.load(ws.store, mtm).route(mtm, texts, mode="select")]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
