@@ -167,7 +167,8 @@ def fit(mtm: MultiTaskModel, train: dict[str, list[str]], validation: dict[str, 
     T = len(tasks)
     W, b = _fit_softmax(z_tr, y_tr, T, cfg.l2)
     counts = torch.bincount(y_tr, minlength=T).float()
-    centroids = torch.stack([z_tr[y_tr == i].mean(0) for i in range(T)])
+    deepest = z_tr[:, -(e_tr.shape[1] // len(layers)):]  # the distance test reads the deepest layer (ood_scores)
+    centroids = torch.stack([deepest[y_tr == i].mean(0) for i in range(T)])
     tensors = {"mean": mean, "std": std, "W": W, "b": b, "centroids": centroids, "prior": counts / counts.sum()}
     router = Router(tasks, tensors, {"layer": layers[-1], "layers": layers, "max_tokens": cfg.max_tokens,
                                      "temperature": 1.0, "fingerprint": mtm.fingerprint, "config": asdict(cfg)})

@@ -204,6 +204,11 @@ def test_taps_concatenate_several_layers_read_in_one_forward(hub_cfg, tmp_path):
 
     router = R.fit_from_workspace(ws, mtm, R.RouterConfig(depth=1.0))
     assert router.layers == [1, 2] and router.layer == 2 and router.t["mean"].numel() == 2 * d
+    assert router.t["centroids"].shape == (3, d)  # the distance test reads the deepest layer only
+    moved = both.clone()
+    moved[:, :d] += 5.0  # move the shallow layer's part only
+    torch.testing.assert_close(router.ood_scores(moved), router.ood_scores(both))
+    assert not torch.allclose(router.energy(moved), router.energy(both))
     router.save(tmp_path / "taps")
     again = R.Router.load(tmp_path / "taps", mtm)
     assert again.layers == [1, 2]
