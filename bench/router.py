@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.router_demo import plot_confusion  # noqa: E402
+from bench.router_demo import TAPS_HELP, plot_confusion, taps_arg  # noqa: E402
 from hub import router as R  # noqa: E402
 from hub.workspace import Workspace  # noqa: E402
 
@@ -66,12 +66,6 @@ def bbc_registry(folder: Path) -> tuple[Path, list[tuple[str, str]]]:
                                   sort_keys=False))
     ws = Workspace(cfg)
     return cfg, [(t, e.router_text) for t in topics for e in ws.data(t).test]
-
-
-def per_second(router, mtm, texts: list[str]) -> float:
-    t0 = time.perf_counter()
-    router.route(mtm, texts, mode="fallback")
-    return len(texts) / (time.perf_counter() - t0)
 
 
 def short_inputs(router, mtm, items: list[tuple[str, str]]) -> dict:
@@ -130,8 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--depths", default="0.25", help="first: the full report; others: accuracy vs speed")
-    ap.add_argument("--taps", default=",".join(map(str, R.RouterConfig.taps)),
-                    help="shares of the depth whose layers are read (1: the one layer at the depth)")
+    ap.add_argument("--taps", type=taps_arg, default=R.RouterConfig.taps, help=TAPS_HELP)
     ap.add_argument("--ood", type=int, default=1000, help="Banking77 test requests sent to the HWU64 hub")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = ap.parse_args()
@@ -141,10 +134,9 @@ def main() -> None:
     bank = [r["text"] for r in read_csv(DATA / "banking77" / "test.csv")]
     bank = bank[:: max(1, len(bank) // args.ood)][: args.ood]
     depths = [float(d) for d in args.depths.split(",")]
-    taps = tuple(float(t) for t in args.taps.split(","))
     res = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "threads": args.threads,
-           "date": dt.date.today().isoformat(), "router_config": R.RouterConfig(taps=taps).__dict__, "hubs": {}}
+           "date": dt.date.today().isoformat(), "router_config": R.RouterConfig(taps=args.taps).__dict__, "hubs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "hwu64").mkdir()
         (Path(tmp) / "bbc").mkdir()
@@ -154,7 +146,7 @@ def main() -> None:
         for name, (cfg, test, ood) in hubs.items():
             res["hubs"][name] = []
             for i, d in enumerate(depths):
-                row = evaluate(cfg, test, ood, d, out / f"router_{name}.png" if i == 0 else None, taps)
+                row = evaluate(cfg, test, ood, d, out / f"router_{name}.png" if i == 0 else None, args.taps)
                 res["hubs"][name].append(row)
                 print(json.dumps({name: {k: v for k, v in row.items() if k != "confusion"}}), flush=True)
     (out / "router.json").write_text(json.dumps(res, indent=1))

@@ -50,6 +50,14 @@ def rates(routes: list[R.Route]) -> dict:
             "ood": sum(r.reason == "ood" for r in routes) / n}
 
 
+def taps_arg(text: str) -> tuple[float, ...]:
+    """--taps: comma-separated shares of the routing depth (RouterConfig.taps)."""
+    return tuple(float(t) for t in text.split(","))
+
+
+TAPS_HELP = "shares of the depth whose layers are read, comma-separated (1: the one layer at the depth)"
+
+
 def evaluate_depth(mtm, train, val, test, depth: float, taps: tuple[float, ...] = R.RouterConfig.taps) -> dict:
     t0 = time.perf_counter()
     router = R.fit(mtm, train, val, R.RouterConfig(depth=depth, taps=taps))
@@ -101,8 +109,7 @@ def main() -> None:
     ap.add_argument("--ood", type=int, default=200, help="Banking77 test questions used as OOD inputs")
     ap.add_argument("--bayes-docs", type=int, default=8, help="test inputs per task for the Bayesian scorer (0: skip)")
     ap.add_argument("--depths", default="0.25", help="embedding depths to compare; the first is reported in full")
-    ap.add_argument("--taps", default=",".join(map(str, R.RouterConfig.taps)),
-                    help="shares of the depth whose layers are read (1: the one layer at the depth)")
+    ap.add_argument("--taps", type=taps_arg, default=R.RouterConfig.taps, help=TAPS_HELP)
     ap.add_argument("--latency-inputs", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
@@ -120,8 +127,7 @@ def main() -> None:
     ood_texts = bank[:: max(1, len(bank) // args.ood)][: args.ood]
 
     depths = [float(x) for x in args.depths.split(",")]
-    taps = tuple(float(t) for t in args.taps.split(","))
-    runs = [evaluate_depth(mtm, train, val, test, d, taps) for d in depths]
+    runs = [evaluate_depth(mtm, train, val, test, d, args.taps) for d in depths]
     main_run = runs[0]
     router, x_te, y_te, e_te = main_run["router"], main_run["x_te"], main_run["y_te"], main_run["e_te"]
     tasks = router.tasks

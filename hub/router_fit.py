@@ -61,10 +61,11 @@ def _temperature(logits: Tensor, y: Tensor) -> float:
 SHORT_MIN, SHORT_MAX, LONG = 8, 24, 32  # words: a short view of an input longer than LONG keeps 8 to 24 of them
 
 
-def short_views(items: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
-    """(task, opening words) of every input longer than LONG words: a headline or a sentence, as users send to a
-    hub of documents. Without them the distance test reads length as novelty: fitted on whole articles, it sent
-    short news requests of a known topic to Theta (docs/results/router_demo.md, router.md). Deterministic per seed."""
+def short_views(items: list[tuple[str, str]], seed: int, shortest: int = SHORT_MIN) -> list[tuple[str, str]]:
+    """(task, opening words: ``shortest`` to SHORT_MAX of them) of every input longer than LONG words: a headline or
+    a sentence, as users send to a hub of documents. Without them the distance test reads length as novelty: fitted
+    on whole articles, it sent short news requests of a known topic to Theta (docs/results/router_demo.md,
+    router.md). Deterministic per seed."""
     import random
 
     rng = random.Random(seed)
@@ -72,7 +73,7 @@ def short_views(items: list[tuple[str, str]], seed: int) -> list[tuple[str, str]
     for task, text in items:
         words = text.split()
         if len(words) > LONG:
-            out.append((task, " ".join(words[: rng.randint(SHORT_MIN, SHORT_MAX)])))
+            out.append((task, " ".join(words[: rng.randint(shortest, SHORT_MAX)])))
     return out
 
 

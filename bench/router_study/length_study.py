@@ -9,7 +9,6 @@ of each test article, ~5 words: what a user sends).
 from __future__ import annotations
 
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -21,15 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.router import bbc_registry, hwu_registry  # noqa: E402
 from hub.embedding import embed  # noqa: E402
-from hub.router_fit import LONG, SHORT_MAX, RouterConfig, _fit_softmax, _temperature, fallback_thresholds  # noqa: E402
+from hub.router_fit import RouterConfig, _fit_softmax, _temperature, fallback_thresholds, short_views  # noqa: E402
 from hub.workspace import Workspace  # noqa: E402
 
 LAYERS = [4, 6, 8]
-
-
-def views(items, seed: int, shortest: int):
-    rng = random.Random(seed)
-    return [(t, " ".join(x.split()[: rng.randint(shortest, SHORT_MAX)])) for t, x in items if len(x.split()) > LONG]
 
 
 def main() -> None:
@@ -51,11 +45,11 @@ def main() -> None:
 
     heads = [(t, x.split("\n")[0]) for t, x in test]
     base = {k: emb(v) for k, v in {"tr": tr, "va": va, "test": test, "heads": heads,
-                                  "openings": views(test, 2, 8)}.items()}
+                                  "openings": short_views(test, 2)}.items()}
     ood = embed(mtm, [x for _, x in hwu_test], LAYERS, cfg.max_tokens)
     d = mtm.lm.config.hidden_size
     for shortest in (8, 4):
-        vtr, vva = emb(views(tr, 0, shortest)), emb(views(va, 1, shortest))
+        vtr, vva = emb(short_views(tr, 0, shortest)), emb(short_views(va, 1, shortest))
         e_tr, y_tr = torch.cat([base["tr"][0], vtr[0]]), torch.cat([base["tr"][1], vtr[1]])
         e_va, y_va = torch.cat([base["va"][0], vva[0]]), torch.cat([base["va"][1], vva[1]])
         for name, cols, dist_cols in (("layer 8", slice(2 * d, 3 * d), None),
@@ -89,7 +83,7 @@ def main() -> None:
                     out["select_acc"] = round(float((logits.argmax(1) == y).float().mean()), 4)
                 return out
 
-            row = {"short_views": f"{shortest}-{SHORT_MAX} words", "layers": name,
+            row = {"short_views": f"{shortest}-24 words", "layers": name,
                    **{k: rates(*base[k]) for k in ("test", "openings", "heads")}, "ood_hwu64": rates(ood)}
             print(json.dumps(row), flush=True)
 
